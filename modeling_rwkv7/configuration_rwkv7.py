@@ -117,7 +117,7 @@ class RWKV7Config(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         for name, factor in (("decay", 2.5), ("a", 2.5), ("v", 1.7), ("gate", 5.0)):
-            if getattr(self, f"{name}_low_rank_dim") is None and isinstance(self.hidden_size, int):
+            if getattr(self, f"{name}_low_rank_dim") is None and isinstance(self.hidden_size, int) and self.hidden_size > 0:
                 setattr(self, f"{name}_low_rank_dim", default_low_rank_dim(self.hidden_size, factor))
         self._validate()
         super().__post_init__(**kwargs)

@@ -242,28 +242,29 @@ class RWKV7PreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """The official RWKV-LM x070 initialisation for training from scratch (parents run after their children,
-        so each RWKV module sets all of its own parameters)."""
+        """The official RWKV-LM x070 initialisation for training from scratch. Children are initialised before
+        their parents, so the time-mix and channel-mix modules set all of their own parameters last."""
         config = self.config
         if isinstance(module, RWKV7Attention):
             _init_attention(module, config)
         elif isinstance(module, RWKV7FeedForward):
             _init_feed_forward(module, config)
+        elif isinstance(module, nn.Embedding):
+            init.uniform_(module.weight, -1e-4, 1e-4)
+        elif isinstance(module, nn.Linear):
+            if module is getattr(self, "lm_head", None):
+                vocab_size, hidden_size = module.weight.shape
+                gain = 0.5 * math.sqrt(vocab_size / hidden_size) if vocab_size > hidden_size else 0.5
+            elif module is getattr(self, "score", None):
+                gain = 0.5
+            else:
+                gain = _orthogonal_gain(module.weight)
+            init.orthogonal_(module.weight, gain=gain)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, RWKV7Model):
-            if module.embeddings is not None:
-                init.uniform_(module.embeddings.weight, -1e-4, 1e-4)
-            if module.input_proj is not None:
-                init.orthogonal_(module.input_proj.weight, gain=_orthogonal_gain(module.input_proj.weight))
-                init.zeros_(module.input_proj.bias)
-        elif isinstance(module, RWKV7ForCausalLM):
-            vocab_size, hidden_size = module.lm_head.weight.shape
-            gain = 0.5 * math.sqrt(vocab_size / hidden_size) if vocab_size > hidden_size else 0.5
-            init.orthogonal_(module.lm_head.weight, gain=gain)
-        elif isinstance(module, RWKV7ForSequenceClassification):
-            init.orthogonal_(module.score.weight, gain=0.5)
 
     def init_cache(self, batch_size: int = 1) -> RWKV7Cache:
         """A fresh (zero) recurrent state for `batch_size` sequences, on the model's device."""

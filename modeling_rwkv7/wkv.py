@@ -34,6 +34,7 @@ def wkv7_recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference WKV-7: a plain loop over time, batched over batch and heads, float32 state."""
     batch_size, seq_len, num_heads, head_dim = r.shape
+    output_dtype = r.dtype
     if initial_state is None:
         state = r.new_zeros(batch_size, num_heads, head_dim, head_dim, dtype=torch.float32)
     else:
@@ -47,7 +48,7 @@ def wkv7_recurrent(
         state = wkv7_step(r[:, t], decay[:, t], k[:, t], v[:, t], a[:, t], b[:, t], state)
         outputs.append(torch.einsum("bhij,bhj->bhi", state, r[:, t]))
     y = torch.stack(outputs, dim=1) if outputs else r.new_zeros(r.shape)
-    return y.to(r.dtype), state
+    return y.to(output_dtype), state
 
 
 def wkv7_step(

@@ -63,16 +63,22 @@ def write_official_checkpoint(state_dict: dict, directory, name="rwkv7-random") 
     return path
 
 
-def load_oracle(path_without_pth: str):
-    """The official `rwkv` package model on cpu fp32."""
+def load_oracle(path_without_pth: str, strategy: str = "cpu fp32"):
+    """The official `rwkv` package model (`RWKV_x070`)."""
+    import rwkv.model
     from rwkv.model import RWKV
 
-    return RWKV(path_without_pth, strategy="cpu fp32")
+    model = RWKV(path_without_pth, strategy=strategy)
+    model.oracle_dtype = rwkv.model.DTYPE  # a module global in `rwkv`, read again at every forward
+    return model
 
 
 def oracle_logits(oracle, tokens: list[int], state=None):
     """All-position logits [T, V] and the final state (list of 3 tensors per layer: att shift, wkv [H,V,K],
-    ffn shift), from one official `forward` call."""
+    ffn shift), from one official `forward` call (the sequence path; one token takes the RNN path)."""
+    import rwkv.model
+
+    rwkv.model.DTYPE = oracle.oracle_dtype
     if state is not None:
         state = [t.clone() for t in state]
     logits, state = oracle.forward(list(tokens), state, full_output=True)
