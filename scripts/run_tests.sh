@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Test job for a fresh clone: install with the test extras, then run the whole suite.
+set -euo pipefail
+source "$(dirname "$0")/setup_env.sh" "[test]"
+python -m pytest -q "$@"
