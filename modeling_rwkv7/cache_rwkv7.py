@@ -94,18 +94,20 @@ class RWKV7Cache(Cache):
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device | str] = None,
     ):
+        self._allocate(config.num_hidden_layers, config.num_heads, config.head_dim, batch_size, dtype, device)
+
+    def _allocate(self, num_layers: int, num_heads: int, head_dim: int, batch_size: int, dtype, device) -> None:
+        """Zero state for `batch_size` sequences (dtype applies to the shift states; the WKV state is float32)."""
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        self.num_heads, self.head_dim, self.hidden_size = config.num_heads, config.head_dim, config.hidden_size
+        self.num_heads, self.head_dim, self.hidden_size = num_heads, head_dim, num_heads * head_dim
         layers = [
             RWKV7LayerState(
-                recurrent_state=torch.zeros(
-                    batch_size, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32, device=device
-                ),
+                recurrent_state=torch.zeros(batch_size, num_heads, head_dim, head_dim, dtype=torch.float32, device=device),
                 attn_shift_state=torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device),
                 ffn_shift_state=torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device),
             )
-            for _ in range(config.num_hidden_layers)
+            for _ in range(num_layers)
         ]
         super().__init__(layers=layers)
         self.seen_tokens = 0
@@ -207,15 +209,9 @@ class RWKV7Cache(Cache):
             }
             if shape != expected:
                 raise ValueError(f"The state in {path} has shape {json.dumps(shape)}, the model expects {json.dumps(expected)}.")
-        state_config = RWKV7Config(
-            vocab_size=None,
-            input_size=shape["hidden_size"],
-            hidden_size=shape["hidden_size"],
-            num_hidden_layers=shape["num_hidden_layers"],
-            head_dim=shape["head_dim"],
-        )
         first = tensors["layers.0.attn_shift_state"]
-        cache = cls(state_config, batch_size=first.shape[0], dtype=first.dtype, device=device)
+        cache = cls.__new__(cls)
+        cache._allocate(shape["num_hidden_layers"], shape["num_heads"], shape["head_dim"], first.shape[0], first.dtype, device)
         for i, layer in enumerate(cache.layers):
             for name, empty in layer.tensors().items():
                 key = f"layers.{i}.{name}"
