@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_rwkv7
-from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model, RWKV7Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
@@ -43,7 +43,7 @@ def main():
         f"vocab {config.vocab_size}: {config.param_count():,} parameters"
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "modeling_rwkv7"), trust_remote_code=True) if not os.path.isdir(args.model) else AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model) if os.path.isdir(args.model) else RWKV7Tokenizer()
     inputs = tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         start = time.perf_counter()

@@ -1,0 +1,450 @@
+// WKV-7 (the RWKV-7 generalized delta rule) as block programs shared by the CUDA kernels and the CPU build.
+//
+// Per (batch, head), with the state S laid out [value i, key j] and float32 throughout:
+//
+//     P_t = reset_t ? 0 : S_{t-1}                                   (S_{-1} = initial state)
+//     S_t = P_t diag(w_t) + (P_t a_t) b_t^T + v_t k_t^T,           w_t = exp(log_decay_t)
+//     y_t = S_t r_t
+//
+// A block program runs one (batch, head) on a "block" of N threads (N = head size). It is written as a sequence
+// of `block.each_thread(...)` phases separated by `block.sync()`: on CUDA each phase is the code of one thread and
+// `sync` is __syncthreads(); on the CPU (`SerialBlock`) each phase loops over the N threads and `sync` is a no-op.
+// The CPU build therefore runs the very same per-thread code, indexing and shared-memory layout as the GPU.
+//
+// Forward: thread n owns row n of the state (value n) in registers.
+// Backward: the gradient G = dL/dS is kept in both orientations (thread n owns row n and column n). The states P_t
+// are recomputed exactly from the forward's checkpoints (one every kChunk steps): a row pass over the chunk keeps
+// one state every kSubChunk steps in shared memory together with sa_t = P_t a_t, and each step rebuilds column n
+// of its P_t element by element from the nearest kept state (at most kSubChunk - 1 elementwise steps).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define WKV7_HD __host__ __device__ __forceinline__
+#define WKV7_UNROLL _Pragma("unroll")
+#else
+#define WKV7_HD inline
+#define WKV7_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace wkv7 {
+
+constexpr int kChunk = 16;    // steps between two state checkpoints of the forward
+constexpr int kSubChunk = 4;  // backward: steps between two in-block copies of the state
+constexpr int kHeadSizes[] = {16, 32, 64};  // the head sizes (N) the kernels are built for
+static_assert(kChunk % kSubChunk == 0, "a chunk must hold a whole number of sub-chunks");
+static_assert(kSubChunk == 4, "backward_block dispatches column_step for 0 to 3 replayed steps");
+
+// Float conversion of an input element type; the CUDA source specialises it for __half and __nv_bfloat16.
+template <class T>
+struct Convert {
+  WKV7_HD static float to_float(T x) { return static_cast<float>(x); }
+  WKV7_HD static T from_float(float x) { return static_cast<T>(x); }
+};
+
+// Pointers of one forward call. Inputs and y are [batch, seq_len, heads, N] contiguous, log_decay float32.
+// T = void gives the type-erased form used across the C++/CUDA boundary.
+template <class T>
+struct ForwardArgs {
+  const T* r;
+  const float* log_decay;
+  const T* k;
+  const T* v;
+  const T* a;
+  const T* b;
+  const float* initial_state;  // [batch, heads, N (value), N (key)], or nullptr for zeros
+  const bool* reset;           // [batch, seq_len], or nullptr
+  T* y;
+  float* final_state;          // [batch, heads, N, N]; may alias initial_state (decode updates in place)
+  float* checkpoints;          // [batch, heads, ceil(seq_len / kChunk), N (key), N (value)], or nullptr
+  int64_t seq_len;
+  int64_t num_heads;
+};
+
+// Pointers of one backward call; gradients have the layout and element type of their inputs.
+template <class T>
+struct BackwardArgs {
+  const T* r;
+  const float* log_decay;
+  const T* k;
+  const T* v;
+  const T* a;
+  const T* b;
+  const bool* reset;
+  const float* checkpoints;   // from the forward: the state entering each chunk, before that step's reset
+  const T* dy;
+  const float* dfinal_state;  // [batch, heads, N, N], or nullptr for zeros
+  T* dr;
+  float* dlog_decay;
+  T* dk;
+  T* dv;
+  T* da;
+  T* db;
+  float* dinitial_state;      // [batch, heads, N, N]
+  int64_t seq_len;
+  int64_t num_heads;
+};
+
+template <class T, class U>
+ForwardArgs<T> typed_args(const ForwardArgs<U>& x) {
+  return {static_cast<const T*>(x.r), x.log_decay, static_cast<const T*>(x.k), static_cast<const T*>(x.v),
+          static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.initial_state, x.reset, static_cast<T*>(x.y),
+          x.final_state, x.checkpoints, x.seq_len, x.num_heads};
+}
+
+template <class T, class U>
+BackwardArgs<T> typed_args(const BackwardArgs<U>& x) {
+  return {static_cast<const T*>(x.r), x.log_decay, static_cast<const T*>(x.k), static_cast<const T*>(x.v),
+          static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.reset, x.checkpoints,
+          static_cast<const T*>(x.dy), x.dfinal_state, static_cast<T*>(x.dr), x.dlog_decay, static_cast<T*>(x.dk),
+          static_cast<T*>(x.dv), static_cast<T*>(x.da), static_cast<T*>(x.db), x.dinitial_state, x.seq_len,
+          x.num_heads};
+}
+
+WKV7_HD int64_t num_chunks(int64_t seq_len) { return (seq_len + kChunk - 1) / kChunk; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared-memory layouts (in floats). Staged inputs are [vector][step in chunk][N].
+
+enum ForwardVector { kFwdR, kFwdW, kFwdK, kFwdV, kFwdA, kFwdB, kFwdVectors };
+enum BackwardVector { kBwdR, kBwdW, kBwdK, kBwdV, kBwdA, kBwdB, kBwdDy, kBwdVectors };
+
+template <int N>
+constexpr int forward_smem_floats() {
+  return kFwdVectors * kChunk * N + kChunk;  // staged inputs, reset flags
+}
+
+template <int N>
+struct BackwardSmem {
+  static constexpr int kRowStride = N + 1;  // padded: row-wise writes and column-wise reads avoid bank conflicts
+  static constexpr int kStaged = 0;
+  static constexpr int kSa = kStaged + kBwdVectors * kChunk * N;  // sa_t = P_t a_t          [kChunk][N]
+  static constexpr int kDsb = kSa + kChunk * N;                   // G_t b_t of 2 steps      [2][N]
+  static constexpr int kStates = kDsb + 2 * N;                    // P_t every kSubChunk     [kChunk/kSubChunk][N][N+1]
+  static constexpr int kReset = kStates + (kChunk / kSubChunk) * N * kRowStride;
+  static constexpr int kFloats = kReset + kChunk;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-thread registers.
+
+template <int N>
+struct ForwardThread {
+  float state[N];  // row n of the state
+};
+
+template <int N>
+struct BackwardThread {
+  float grad_row[N];  // row n of G = dL/dS
+  float grad_col[N];  // column n of G
+};
+
+// Runs the phases of a block program one thread after the other (the CPU build).
+template <class State>
+struct SerialBlock {
+  State* states;
+  int num_threads;
+  template <class F>
+  void each_thread(F&& phase) {
+    for (int n = 0; n < num_threads; ++n) phase(n, states[n]);
+  }
+  void sync() {}
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small vector helpers (x in registers, y in shared memory at stride `stride`).
+
+template <int N>
+WKV7_HD float dot(const float* x, const float* y, int stride = 1) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  WKV7_UNROLL
+  for (int j = 0; j < N; ++j) acc[j % 4] += x[j] * y[j * stride];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+template <int N>
+WKV7_HD void fill_zero(float* x) {
+  WKV7_UNROLL
+  for (int j = 0; j < N; ++j) x[j] = 0.f;
+}
+
+// Thread n copies element n of `len` consecutive tokens of one (batch, head) into staged[s * N + n].
+template <int N, class T>
+WKV7_HD void stage_vector(float* staged, const T* src, int64_t first, int64_t step_stride, int len, int n) {
+  for (int s = 0; s < len; ++s) staged[s * N + n] = Convert<T>::to_float(src[first + s * step_stride + n]);
+}
+
+template <int N>
+WKV7_HD void stage_decay(float* staged, const float* log_decay, int64_t first, int64_t step_stride, int len, int n) {
+  for (int s = 0; s < len; ++s) staged[s * N + n] = expf(log_decay[first + s * step_stride + n]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward: y, final state and (optionally) the chunk checkpoints of one (batch, head).
+
+template <int N, class T, class Block>
+WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh, float* smem) {
+  static_assert(N >= kChunk, "thread n < kChunk stages the reset flag of step n");
+  const int64_t seq_len = args.seq_len;
+  const int64_t batch = bh / args.num_heads;
+  const int64_t step_stride = args.num_heads * N;
+  const int64_t token0 = (batch * seq_len * args.num_heads + bh % args.num_heads) * N;
+  const int64_t chunks = num_chunks(seq_len);
+  float* reset_flags = smem + kFwdVectors * kChunk * N;
+
+  block.each_thread([&](int n, ForwardThread<N>& thread) {
+    if (args.initial_state == nullptr) {
+      fill_zero<N>(thread.state);
+    } else {
+      const float* row = args.initial_state + (bh * N + n) * N;
+      WKV7_UNROLL
+      for (int j = 0; j < N; ++j) thread.state[j] = row[j];
+    }
+  });
+
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t t0 = c * kChunk;
+    const int len = static_cast<int>(seq_len - t0 < kChunk ? seq_len - t0 : kChunk);
+    const int64_t first = token0 + t0 * step_stride;
+
+    block.sync();  // the previous chunk is done with shared memory
+    block.each_thread([&](int n, ForwardThread<N>&) {
+      stage_vector<N>(smem + kFwdR * kChunk * N, args.r, first, step_stride, len, n);
+      stage_decay<N>(smem + kFwdW * kChunk * N, args.log_decay, first, step_stride, len, n);
+      stage_vector<N>(smem + kFwdK * kChunk * N, args.k, first, step_stride, len, n);
+      stage_vector<N>(smem + kFwdV * kChunk * N, args.v, first, step_stride, len, n);
+      stage_vector<N>(smem + kFwdA * kChunk * N, args.a, first, step_stride, len, n);
+      stage_vector<N>(smem + kFwdB * kChunk * N, args.b, first, step_stride, len, n);
+      if (n < len) reset_flags[n] = (args.reset != nullptr && args.reset[batch * seq_len + t0 + n]) ? 1.f : 0.f;
+    });
+    block.sync();
+    block.each_thread([&](int n, ForwardThread<N>& thread) {
+      if (args.checkpoints != nullptr) {  // key-major, so that the threads' stores are contiguous
+        float* checkpoint = args.checkpoints + (bh * chunks + c) * N * N;
+        WKV7_UNROLL
+        for (int j = 0; j < N; ++j) checkpoint[j * N + n] = thread.state[j];
+      }
+      for (int s = 0; s < len; ++s) {
+        const float* r = smem + (kFwdR * kChunk + s) * N;
+        const float* w = smem + (kFwdW * kChunk + s) * N;
+        const float* k = smem + (kFwdK * kChunk + s) * N;
+        const float* a = smem + (kFwdA * kChunk + s) * N;
+        const float* b = smem + (kFwdB * kChunk + s) * N;
+        const float v = smem[(kFwdV * kChunk + s) * N + n];
+        if (reset_flags[s] != 0.f) fill_zero<N>(thread.state);
+        const float sa = dot<N>(thread.state, a);
+        float y[4] = {0.f, 0.f, 0.f, 0.f};
+        WKV7_UNROLL
+        for (int j = 0; j < N; ++j) {
+          const float updated = thread.state[j] * w[j] + (sa * b[j] + v * k[j]);
+          thread.state[j] = updated;
+          y[j % 4] += updated * r[j];
+        }
+        args.y[first + s * step_stride + n] = Convert<T>::from_float((y[0] + y[1]) + (y[2] + y[3]));
+      }
+    });
+  }
+
+  block.each_thread([&](int n, ForwardThread<N>& thread) {
+    float* row = args.final_state + (bh * N + n) * N;
+    WKV7_UNROLL
+    for (int j = 0; j < N; ++j) row[j] = thread.state[j];
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: all input gradients of one (batch, head), from dy and d(final state), walking the chunks backwards.
+//
+// With G_s = dL/dS_s (including dy_s r_s^T) and P_s the state entering step s:
+//   dr_s = S_s^T dy_s     dk_s = G_s^T v_s     db_s = G_s^T sa_s     dw_s = diag(G_s^T P_s)     da_s = P_s^T (G_s b_s)
+//   dv_s = G_s k_s        G_{s-1} = reset_s ? 0 : G_s diag(w_s) + (G_s b_s) a_s^T + dy_{s-1} r_{s-1}^T
+// Row terms (dv, G b) use row n of G, column terms column n; G b goes through shared memory (dsb_buf, double-buffered
+// by step parity).
+
+// Adds dy_s r_s^T to G (both orientations), then writes dv_s and (G_s b_s)[n].
+template <int N, class T>
+WKV7_HD void add_output_gradient(BackwardThread<N>& thread, const float* staged, float* dsb_buf, T* dv, int s, int n) {
+  const float* r = staged + (kBwdR * kChunk + s) * N;
+  const float* k = staged + (kBwdK * kChunk + s) * N;
+  const float* b = staged + (kBwdB * kChunk + s) * N;
+  const float* dy = staged + (kBwdDy * kChunk + s) * N;
+  const float dy_n = dy[n], r_n = r[n];
+  WKV7_UNROLL
+  for (int j = 0; j < N; ++j) {
+    thread.grad_row[j] += dy_n * r[j];
+    thread.grad_col[j] += dy[j] * r_n;
+  }
+  dsb_buf[(s % 2) * N + n] = dot<N>(thread.grad_row, b);
+  *dv = Convert<T>::from_float(dot<N>(thread.grad_row, k));
+}
+
+struct ColumnGrads {
+  float dr, dk, db, dw, da;  // dw: d/dw, before the factor w of d/dlog_decay
+};
+
+// The column terms of step s for thread n, and column n of G moved to step s - 1 (without dy_{s-1} r_{s-1}^T).
+// Column n of P_s is rebuilt element by element from the state kept `Replay` steps earlier.
+template <int N, int Replay>
+WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, const float* sa_buf,
+                                const float* dsb, const float* reset_flags, const float* kept_column, int s, int n) {
+  static_assert(Replay < kSubChunk, "a state is kept every kSubChunk steps");
+  constexpr int kStride = BackwardSmem<N>::kRowStride;
+  const int kept = s - Replay;
+  float replay_w[Replay + 1], replay_b[Replay + 1], replay_k[Replay + 1];
+  bool replay_zero[Replay + 1];  // a reset before the next step
+  WKV7_UNROLL
+  for (int q = 0; q < Replay; ++q) {
+    replay_w[q] = staged[(kBwdW * kChunk + kept + q) * N + n];
+    replay_b[q] = staged[(kBwdB * kChunk + kept + q) * N + n];
+    replay_k[q] = staged[(kBwdK * kChunk + kept + q) * N + n];
+    replay_zero[q] = reset_flags[kept + q + 1] != 0.f;
+  }
+  const float* v = staged + (kBwdV * kChunk + s) * N;
+  const float* dy = staged + (kBwdDy * kChunk + s) * N;
+  const float* sa = sa_buf + s * N;
+  const float w_n = staged[(kBwdW * kChunk + s) * N + n], k_n = staged[(kBwdK * kChunk + s) * N + n];
+  const float a_n = staged[(kBwdA * kChunk + s) * N + n], b_n = staged[(kBwdB * kChunk + s) * N + n];
+  const bool reset_here = reset_flags[s] != 0.f;
+
+  float dr[2] = {0.f, 0.f}, dk[2] = {0.f, 0.f}, db[2] = {0.f, 0.f}, dw[2] = {0.f, 0.f}, da[2] = {0.f, 0.f};
+  WKV7_UNROLL
+  for (int i = 0; i < N; ++i) {
+    float prev = kept_column[i * kStride];
+    WKV7_UNROLL
+    for (int q = 0; q < Replay; ++q) {
+      const int u = kept + q;
+      prev = replay_zero[q] ? 0.f
+                            : prev * replay_w[q] + (sa_buf[u * N + i] * replay_b[q] +
+                                                    staged[(kBwdV * kChunk + u) * N + i] * replay_k[q]);
+    }
+    const float grad = thread.grad_col[i];
+    dr[i % 2] += (prev * w_n + (sa[i] * b_n + v[i] * k_n)) * dy[i];  // S_s = P_s diag(w) + sa b^T + v k^T
+    dk[i % 2] += grad * v[i];
+    db[i % 2] += grad * sa[i];
+    dw[i % 2] += grad * prev;
+    da[i % 2] += prev * dsb[i];
+    thread.grad_col[i] = reset_here ? 0.f : grad * w_n + dsb[i] * a_n;
+  }
+  return {dr[0] + dr[1], dk[0] + dk[1], db[0] + db[1], dw[0] + dw[1], da[0] + da[1]};
+}
+
+template <int N, class T, class Block>
+WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t bh, float* smem) {
+  static_assert(N >= kChunk, "thread n < kChunk stages the reset flag of step n");
+  using Smem = BackwardSmem<N>;
+  constexpr int kStride = Smem::kRowStride;
+  const int64_t seq_len = args.seq_len;
+  const int64_t batch = bh / args.num_heads;
+  const int64_t step_stride = args.num_heads * N;
+  const int64_t token0 = (batch * seq_len * args.num_heads + bh % args.num_heads) * N;
+  const int64_t chunks = num_chunks(seq_len);
+  float* staged = smem + Smem::kStaged;
+  float* sa_buf = smem + Smem::kSa;
+  float* dsb_buf = smem + Smem::kDsb;
+  float* states = smem + Smem::kStates;
+  float* reset_flags = smem + Smem::kReset;
+
+  block.each_thread([&](int n, BackwardThread<N>& thread) {
+    if (args.dfinal_state == nullptr) {
+      fill_zero<N>(thread.grad_row);
+      fill_zero<N>(thread.grad_col);
+    } else {
+      const float* grad = args.dfinal_state + bh * N * N;
+      WKV7_UNROLL
+      for (int j = 0; j < N; ++j) {
+        thread.grad_row[j] = grad[n * N + j];
+        thread.grad_col[j] = grad[j * N + n];
+      }
+    }
+  });
+
+  for (int64_t c = chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * kChunk;
+    const int len = static_cast<int>(seq_len - t0 < kChunk ? seq_len - t0 : kChunk);
+    const int64_t first = token0 + t0 * step_stride;
+
+    block.sync();  // the previous chunk is done with shared memory
+    block.each_thread([&](int n, BackwardThread<N>&) {
+      stage_vector<N>(staged + kBwdR * kChunk * N, args.r, first, step_stride, len, n);
+      stage_decay<N>(staged + kBwdW * kChunk * N, args.log_decay, first, step_stride, len, n);
+      stage_vector<N>(staged + kBwdK * kChunk * N, args.k, first, step_stride, len, n);
+      stage_vector<N>(staged + kBwdV * kChunk * N, args.v, first, step_stride, len, n);
+      stage_vector<N>(staged + kBwdA * kChunk * N, args.a, first, step_stride, len, n);
+      stage_vector<N>(staged + kBwdB * kChunk * N, args.b, first, step_stride, len, n);
+      stage_vector<N>(staged + kBwdDy * kChunk * N, args.dy, first, step_stride, len, n);
+      if (n < len) reset_flags[n] = (args.reset != nullptr && args.reset[batch * seq_len + t0 + n]) ? 1.f : 0.f;
+    });
+    block.sync();
+
+    // Row pass: recompute the chunk's states from its checkpoint (thread n: row n); keep P_s every kSubChunk
+    // steps and sa_s = P_s a_s for every step.
+    block.each_thread([&](int n, BackwardThread<N>&) {
+      float row[N];
+      const float* checkpoint = args.checkpoints + (bh * chunks + c) * N * N;
+      WKV7_UNROLL
+      for (int j = 0; j < N; ++j) row[j] = checkpoint[j * N + n];
+      for (int s = 0; s < len; ++s) {
+        const float* w = staged + (kBwdW * kChunk + s) * N;
+        const float* k = staged + (kBwdK * kChunk + s) * N;
+        const float* a = staged + (kBwdA * kChunk + s) * N;
+        const float* b = staged + (kBwdB * kChunk + s) * N;
+        const float v = staged[(kBwdV * kChunk + s) * N + n];
+        if (reset_flags[s] != 0.f) fill_zero<N>(row);
+        if (s % kSubChunk == 0) {
+          float* kept = states + ((s / kSubChunk) * N + n) * kStride;
+          WKV7_UNROLL
+          for (int j = 0; j < N; ++j) kept[j] = row[j];
+        }
+        const float sa = dot<N>(row, a);
+        sa_buf[s * N + n] = sa;
+        WKV7_UNROLL
+        for (int j = 0; j < N; ++j) row[j] = row[j] * w[j] + (sa * b[j] + v * k[j]);
+      }
+    });
+    block.sync();
+
+    block.each_thread([&](int n, BackwardThread<N>& thread) {
+      add_output_gradient<N>(thread, staged, dsb_buf, args.dv + first + (len - 1) * step_stride + n, len - 1, n);
+    });
+    block.sync();
+
+    for (int s = len - 1; s >= 0; --s) {
+      block.each_thread([&](int n, BackwardThread<N>& thread) {
+        const float* w = staged + (kBwdW * kChunk + s) * N;
+        const float* a = staged + (kBwdA * kChunk + s) * N;
+        const float* dsb = dsb_buf + (s % 2) * N;  // written for step s, while step s - 1 writes the other half
+        const bool reset_here = reset_flags[s] != 0.f;
+        const float* kept_column = states + (s / kSubChunk) * N * kStride + n;
+        ColumnGrads grads;
+        switch (s % kSubChunk) {  // the number of steps between the kept state and P_s
+          case 0: grads = column_step<N, 0>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
+          case 1: grads = column_step<N, 1>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
+          case 2: grads = column_step<N, 2>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
+          default: grads = column_step<N, 3>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
+        }
+        const float dsb_n = dsb[n];
+        WKV7_UNROLL
+        for (int j = 0; j < N; ++j) thread.grad_row[j] = reset_here ? 0.f : thread.grad_row[j] * w[j] + dsb_n * a[j];
+
+        const int64_t offset = first + s * step_stride + n;
+        args.dr[offset] = Convert<T>::from_float(grads.dr);
+        args.dk[offset] = Convert<T>::from_float(grads.dk);
+        args.db[offset] = Convert<T>::from_float(grads.db);
+        args.da[offset] = Convert<T>::from_float(grads.da);
+        args.dlog_decay[offset] = grads.dw * w[n];
+        if (s > 0) add_output_gradient<N>(thread, staged, dsb_buf, args.dv + offset - step_stride, s - 1, n);
+      });
+      block.sync();  // (G_{s-1} b_{s-1}) of every thread is in dsb_buf
+    }
+  }
+
+  block.each_thread([&](int n, BackwardThread<N>& thread) {
+    float* row = args.dinitial_state + (bh * N + n) * N;
+    WKV7_UNROLL
+    for (int j = 0; j < N; ++j) row[j] = thread.grad_row[j];
+  });
+}
+
+}  // namespace wkv7

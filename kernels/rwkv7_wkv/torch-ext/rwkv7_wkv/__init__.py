@@ -1,0 +1,104 @@
+"""RWKV-7 WKV kernel (the generalized delta rule with a per-channel decay), CUDA and CPU builds.
+
+Per head, with the state ``S`` laid out ``[value, key]``:
+
+    S_t = S_{t-1} @ (diag(exp(log_decay_t)) + a_t b_t^T) + v_t k_t^T
+    y_t = S_t @ r_t
+
+    r, log_decay, k, v, a, b: [batch, seq_len, num_heads, head_dim]; r, k, v, a, b in one of float32, float16,
+                              bfloat16; log_decay is used in float32
+    initial_state:            [batch, num_heads, head_dim (value), head_dim (key)] float32, or None (zeros)
+    reset:                    [batch, seq_len] bool, or None: the state is zeroed before the tokens marked True
+
+`wkv7` returns ``(y in r's dtype, final_state float32)`` and is differentiable (all inputs, initial_state
+included); `wkv7_decode_step` advances a state by one token in place. Head sizes: `HEAD_SIZES`.
+"""
+
+from typing import Optional
+
+import torch
+
+from ._ops import add_op_namespace_prefix, ops
+
+HEAD_SIZES = (16, 32, 64)
+CHECKPOINT_INTERVAL = 16  # the forward keeps the state every this many steps for the backward
+
+
+def wkv7(
+    r: torch.Tensor,
+    log_decay: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    reset: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV-7 over a sequence. Returns ``(y [batch, seq_len, num_heads, head_dim], final_state float32)``."""
+    log_decay = log_decay.float()
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    inputs = (r, log_decay, k, v, a, b, initial_state)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return _WKV7.apply(r, log_decay, k, v, a, b, initial_state, reset)
+    y, final_state, _ = ops.forward(r, log_decay, k, v, a, b, initial_state, reset, False)
+    return y, final_state
+
+
+def wkv7_decode_step(
+    r: torch.Tensor,
+    log_decay: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One token: inputs ``[batch, num_heads, head_dim]``, ``state [batch, num_heads, head_dim, head_dim]`` float32
+    updated in place. Returns ``y [batch, num_heads, head_dim]`` in r's dtype. Not differentiable."""
+    return ops.decode_step(r, log_decay.float(), k, v, a, b, state)
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, log_decay, k, v, a, b, initial_state, reset):
+        y, final_state, checkpoints = ops.forward(r, log_decay, k, v, a, b, initial_state, reset, True)
+        ctx.save_for_backward(r, log_decay, k, v, a, b, reset, checkpoints)
+        ctx.has_initial_state = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, dy, dfinal_state):
+        r, log_decay, k, v, a, b, reset, checkpoints = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dr, dlog_decay, dk, dv, da, db, dinitial_state = ops.backward(
+            r, log_decay, k, v, a, b, reset, checkpoints, dy, dfinal_state
+        )
+        return dr, dlog_decay, dk, dv, da, db, dinitial_state if ctx.has_initial_state else None, None
+
+
+# Shapes for torch.compile / meta tensors.
+@torch.library.register_fake(add_op_namespace_prefix("forward"))
+def _forward_fake(r, log_decay, k, v, a, b, initial_state, reset, save_checkpoints):
+    batch, seq_len, num_heads, head_dim = r.shape
+    num_checkpoints = (seq_len + CHECKPOINT_INTERVAL - 1) // CHECKPOINT_INTERVAL
+    final_state = r.new_empty(batch, num_heads, head_dim, head_dim, dtype=torch.float32)
+    checkpoint_shape = (batch, num_heads, num_checkpoints, head_dim, head_dim) if save_checkpoints else (0,)
+    return torch.empty_like(r), final_state, r.new_empty(checkpoint_shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("backward"))
+def _backward_fake(r, log_decay, k, v, a, b, reset, checkpoints, dy, dfinal_state):
+    batch, _, num_heads, head_dim = r.shape
+    input_grads = [torch.empty_like(r) for _ in range(6)]
+    input_grads[1] = torch.empty_like(log_decay)
+    return (*input_grads, r.new_empty(batch, num_heads, head_dim, head_dim, dtype=torch.float32))
+
+
+@torch.library.register_fake(add_op_namespace_prefix("decode_step"))
+def _decode_step_fake(r, log_decay, k, v, a, b, state):
+    return torch.empty_like(r)
+
+
+__all__ = ["CHECKPOINT_INTERVAL", "HEAD_SIZES", "ops", "wkv7", "wkv7_decode_step"]

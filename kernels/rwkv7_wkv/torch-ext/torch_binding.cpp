@@ -1,0 +1,29 @@
+#include <torch/library.h>
+
+#include "registration.h"
+#include "torch_binding.h"
+
+// The ops namespace is the kernel id of metadata.json (TORCH_EXTENSION_NAME, e.g. _rwkv7_wkv_cuda_1a2b3c4).
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  ops.def(
+      "forward(Tensor r, Tensor log_decay, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? initial_state, "
+      "Tensor? reset, bool save_checkpoints) -> (Tensor y, Tensor final_state, Tensor checkpoints)");
+  ops.def(
+      "backward(Tensor r, Tensor log_decay, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? reset, "
+      "Tensor checkpoints, Tensor dy, Tensor? dfinal_state) -> (Tensor dr, Tensor dlog_decay, Tensor dk, "
+      "Tensor dv, Tensor da, Tensor db, Tensor dinitial_state)");
+  ops.def(
+      "decode_step(Tensor r, Tensor log_decay, Tensor k, Tensor v, Tensor a, Tensor b, Tensor(s!) state) "
+      "-> Tensor y");
+#if defined(CPU_KERNEL)
+  ops.impl("forward", c10::kCPU, &wkv7_forward_cpu);
+  ops.impl("backward", c10::kCPU, &wkv7_backward_cpu);
+  ops.impl("decode_step", c10::kCPU, &wkv7_decode_step_cpu);
+#elif defined(CUDA_KERNEL)
+  ops.impl("forward", c10::kCUDA, &wkv7_forward_cuda);
+  ops.impl("backward", c10::kCUDA, &wkv7_backward_cuda);
+  ops.impl("decode_step", c10::kCUDA, &wkv7_decode_step_cuda);
+#endif
+}
+
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

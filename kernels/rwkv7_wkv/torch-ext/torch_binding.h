@@ -1,0 +1,31 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+// Op implementations registered by torch_binding.cpp (schemas there). Inputs [batch, seq_len, heads, head_dim];
+// decode_step takes one token, [batch, heads, head_dim], and updates `state` in place.
+
+using Wkv7ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // y, final_state, checkpoints
+using Wkv7BackwardOutputs =  // dr, dlog_decay, dk, dv, da, db, dinitial_state
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+#define WKV7_DECLARE_OPS(backend)                                                                                \
+  Wkv7ForwardOutputs wkv7_forward_##backend(                                                                     \
+      const at::Tensor& r, const at::Tensor& log_decay, const at::Tensor& k, const at::Tensor& v,                 \
+      const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& initial_state,                   \
+      const std::optional<at::Tensor>& reset, bool save_checkpoints);                                             \
+  Wkv7BackwardOutputs wkv7_backward_##backend(                                                                   \
+      const at::Tensor& r, const at::Tensor& log_decay, const at::Tensor& k, const at::Tensor& v,                 \
+      const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& reset,                           \
+      const at::Tensor& checkpoints, const at::Tensor& dy, const std::optional<at::Tensor>& dfinal_state);        \
+  at::Tensor wkv7_decode_step_##backend(const at::Tensor& r, const at::Tensor& log_decay, const at::Tensor& k,    \
+                                        const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,            \
+                                        at::Tensor& state);
+
+WKV7_DECLARE_OPS(cpu)
+WKV7_DECLARE_OPS(cuda)
+
+#undef WKV7_DECLARE_OPS

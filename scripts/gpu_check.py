@@ -1,0 +1,332 @@
+"""Checks and times the built rwkv7_wkv kernel on a GPU (run by scripts/gpu_check.sh after the CUDA build).
+
+1. Correctness on fresh random inputs against the reference `wkv7_recurrent` (relative error = max |diff| / max
+   |reference|): forward (y, final state) and backward (all input gradients, initial state included) for float32,
+   bfloat16 and float16, every head size, ragged lengths, reset masks; the decode step against one reference step
+   and token-by-token decoding against the sequence op. Outputs come from a NaN-poisoned CUDA allocator, so an
+   element the kernel never writes shows up as NaN.
+2. Timing at B=8, T=4096, H=32, N=64 bfloat16: the kernel's forward / backward against the PyTorch chunked path
+   (`modeling_rwkv7.wkv_chunked`, if importable) and fla's `chunk_rwkv7` (if importable), with the forward's
+   memory-bandwidth floor (r, w, k, v, a, b read + y written, bfloat16, at the bandwidth of a large copy).
+
+Needs only torch; the `kernels` library and transformers are used when installed. Exit status 1 if a check fails.
+
+    python scripts/gpu_check.py [--device cuda] [--bench-shape 8,4096,32,64] [--reps 10] [--json out.json]
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+GRAD_NAMES = ("r", "log_decay", "k", "v", "a", "b", "initial_state")
+
+
+def project_module(name: str) -> types.ModuleType:
+    """modeling_rwkv7.<name>. Without a working transformers (GPU machines may have torch alone), the package is
+    entered without running its __init__, and the operator modules get Python's logging in place of
+    transformers.utils.logging."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if "modeling_rwkv7" not in sys.modules:
+        try:
+            import modeling_rwkv7  # noqa: F401
+        except Exception as error:
+            print(f"note: modeling_rwkv7 imported without its __init__ ({type(error).__name__}: {error})")
+            package = types.ModuleType("modeling_rwkv7")
+            package.__path__ = [str(REPO / "modeling_rwkv7")]
+            sys.modules["modeling_rwkv7"] = package
+            try:
+                from transformers.utils import logging as _  # noqa: F401
+            except Exception:
+                stand_in = types.ModuleType("transformers.utils")
+                stand_in.logging = types.SimpleNamespace(get_logger=logging.getLogger)
+                sys.modules["transformers"] = types.ModuleType("transformers")
+                sys.modules["transformers"].utils = stand_in
+                sys.modules["transformers.utils"] = stand_in
+    return importlib.import_module(f"modeling_rwkv7.{name}")
+
+
+def load_kernel(device: str) -> tuple[types.ModuleType, str]:
+    """The built variant for `device`, through kernels.get_local_kernel when `kernels` is installed."""
+    backend = "cuda" if device == "cuda" else "cpu"
+    try:
+        import kernels
+    except ImportError:
+        kernels = None
+    if kernels is not None:
+        module = kernels.get_local_kernel(KERNEL_DIR, backend=backend)
+        return module, f"kernels.get_local_kernel -> {Path(module.__file__).parent.name} ({module.__name__})"
+    torch_tag = "torch{}{}".format(*torch.__version__.split(".")[:2])
+    marker = "-cu" if backend == "cuda" else "-cpu-"
+    variants = [d for d in (KERNEL_DIR / "build").iterdir() if d.name.startswith(torch_tag) and marker in d.name]
+    if len(variants) != 1:
+        raise SystemExit(f"error: expected one {torch_tag} {backend} variant in {KERNEL_DIR / 'build'}: {variants}")
+    variant = variants[0]
+    ops_id = json.loads((variant / "metadata.json").read_text())["id"]
+    spec = importlib.util.spec_from_file_location(ops_id, variant / "__init__.py",
+                                                  submodule_search_locations=[str(variant)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[ops_id] = module
+    spec.loader.exec_module(module)
+    return module, f"importlib (kernels not installed) -> {variant.name} ({ops_id})"
+
+
+def random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed, reset_rate=0.0):
+    """RWKV-7-like inputs: log_decay float32 in [-0.61, 0) with some much faster decays, a = -kappa_hat,
+    b = kappa_hat * iclr, a random initial state and reset mask."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (batch, seq_len, heads, head_dim)
+    r = torch.randn(shape, generator=g)
+    log_decay = -0.6065306597 * torch.sigmoid(torch.randn(shape, generator=g) * 2)
+    log_decay = torch.where(torch.rand(shape, generator=g) < 0.1, log_decay * 8, log_decay)
+    k = torch.randn(shape, generator=g) * 0.5
+    v = torch.randn(shape, generator=g)
+    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
+    a, b = -kappa, kappa * torch.rand(shape, generator=g)
+    state = torch.randn(batch, heads, head_dim, head_dim, generator=g) * 0.3
+    reset = torch.rand(batch, seq_len, generator=g) < reset_rate if reset_rate else None
+    tensors = [x.to(device=device, dtype=dtype) for x in (r, k, v, a, b)]
+    r, k, v, a, b = tensors
+    return r, log_decay.to(device), k, v, a, b, state.to(device), None if reset is None else reset.to(device)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    if not torch.isfinite(actual).all():
+        return float("nan")
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-12)).item()
+
+
+def poison_allocator(device: str, shapes_and_dtypes) -> bool:
+    """Leaves NaN-filled blocks of the given sizes in the CUDA caching allocator, which the next allocations of
+    these sizes reuse. Returns whether a fresh torch.empty of the first size indeed comes back NaN."""
+    if device != "cuda":
+        return False
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device=device) for shape, dtype in shapes_and_dtypes * 2]
+    del blocks
+    shape, dtype = shapes_and_dtypes[0]
+    probe = torch.empty(shape, dtype=dtype, device=device)
+    effective = bool(probe.isnan().all())
+    del probe
+    return effective
+
+
+class Report:
+    def __init__(self):
+        self.failures = 0
+        self.rows = []
+
+    def check(self, name: str, errors: dict, tolerance: float):
+        worst = max(errors.values()) if errors else 0.0
+        ok = worst == worst and worst <= tolerance  # NaN fails
+        self.failures += not ok
+        detail = "  ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<44} max rel err {worst:.2e} (tol {tolerance:.0e})  {detail}")
+        self.rows.append({"check": name, "ok": ok, "errors": errors, "tolerance": tolerance})
+
+
+def check_sequence(report, kernel, reference, device, batch, seq_len, heads, head_dim, dtype, reset_rate, seed):
+    inputs = random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed, reset_rate)
+    reset = inputs[-1]
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    dy = torch.randn(batch, seq_len, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    dstate = torch.randn(batch, heads, head_dim, head_dim, generator=g).to(device)
+
+    ref_leaves = [x.detach().float().clone().requires_grad_() for x in inputs[:-1]]
+    ref_y, ref_state = reference(*ref_leaves, reset)
+    ((ref_y * dy.float()).sum() + (ref_state * dstate).sum()).backward()
+
+    token_shape = (batch, seq_len, heads, head_dim)
+    state_shape = (batch, heads, head_dim, head_dim)
+    poisoned = poison_allocator(device, [(token_shape, dtype), (state_shape, torch.float32)])
+    leaves = [x.detach().clone().requires_grad_() for x in inputs[:-1]]
+    y, final_state = kernel.wkv7(*leaves, reset)
+    errors = {"y": relative_error(y, ref_y), "state": relative_error(final_state, ref_state)}
+    poison_allocator(device, [(token_shape, dtype)] * 5 + [(token_shape, torch.float32), (state_shape, torch.float32)])
+    ((y * dy).float().sum() + (final_state * dstate).sum()).backward()
+    for name, leaf, ref_leaf in zip(GRAD_NAMES, leaves, ref_leaves):
+        errors[f"d{name}"] = relative_error(leaf.grad, ref_leaf.grad)
+    reset_note = f" reset {reset_rate:.0%}" if reset_rate else ""
+    name = f"seq {str(dtype)[6:]} B{batch} T{seq_len} H{heads} N{head_dim}{reset_note}"
+    report.check(name + (" (NaN-poisoned)" if poisoned else ""), errors, TOLERANCE[dtype])
+
+
+def check_decode(report, kernel, wkv, device, dtype, seed):
+    batch, heads, head_dim, steps = 3, 4, 64, 20
+    r, log_decay, k, v, a, b, state, _ = random_inputs(batch, steps, heads, head_dim, dtype, device, seed)
+    one_token = [x[:, :1].float() for x in (r, log_decay, k, v, a, b)]
+    expected_y, expected_state = wkv.wkv7_recurrent(*one_token, state)
+    expected_y = expected_y[:, 0]
+    poison_allocator(device, [((batch, heads, head_dim), dtype)])
+    live = state.clone()
+    y = kernel.wkv7_decode_step(*(x[:, 0] for x in (r, log_decay, k, v, a, b)), live)
+    report.check(f"decode step {str(dtype)[6:]} B{batch} H{heads} N{head_dim}",
+                 {"y": relative_error(y, expected_y), "state": relative_error(live, expected_state)}, TOLERANCE[dtype])
+
+    sequence_y, sequence_state = kernel.wkv7(r, log_decay, k, v, a, b, state)
+    live = state.clone()
+    step_y = torch.stack([kernel.wkv7_decode_step(*(x[:, t] for x in (r, log_decay, k, v, a, b)), live)
+                          for t in range(steps)], dim=1)
+    report.check(f"decode x{steps} == sequence op {str(dtype)[6:]}",
+                 {"y": relative_error(step_y, sequence_y), "state": relative_error(live, sequence_state)},
+                 TOLERANCE[dtype])
+
+
+def measure(fn, device, reps) -> float:
+    """Median milliseconds of fn() over `reps` runs after two warm-ups."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, reps) -> float:
+    """Bytes per second of a large device copy (read + write)."""
+    source = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    target = torch.empty_like(source)
+    ms = measure(lambda: target.copy_(source), device, reps)
+    bandwidth = 2 * source.numel() * source.element_size() / (ms * 1e-3)
+    del source, target
+    return bandwidth
+
+
+def forward_and_backward(fn, inputs, dy):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        y, _ = fn(*leaves)
+        y.backward(dy)
+
+    return run
+
+
+def bench(kernel, device, shape, reps) -> list[dict]:
+    batch, seq_len, heads, head_dim = shape
+    dtype = torch.bfloat16
+    r, log_decay, k, v, a, b, _, _ = random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed=1234)
+    dy = torch.randn_like(r)
+    elements = r.numel()
+    bandwidth = copy_bandwidth(device, reps)
+    floor_ms = 7 * elements * 2 / bandwidth * 1e3  # r, w, k, v, a, b in + y out, bfloat16
+    tokens = batch * seq_len
+    print(f"\nTiming: B={batch} T={seq_len} H={heads} N={head_dim} bfloat16 (log_decay float32 for the kernel), "
+          f"median of {reps}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; forward floor {floor_ms:.3f} ms")
+    rows = []
+
+    def add(impl, what, fn):
+        try:
+            ms = measure(fn, device, reps)
+        except Exception as error:  # an optional implementation that cannot run this case
+            print(f"  {impl:<22} {what:<26} skipped: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
+            return
+        rows.append({"impl": impl, "what": what, "ms": ms, "tokens_per_s": tokens / (ms * 1e-3),
+                     "x_forward_floor": ms / floor_ms})
+
+    with torch.no_grad():
+        add("kernel", "forward (inference)", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False))
+        add("kernel", "forward (+checkpoints)", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True))
+        _, _, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True)
+        add("kernel", "backward", lambda: kernel.ops.backward(r, log_decay, k, v, a, b, None, checkpoints, dy, None))
+        del checkpoints
+    add("kernel", "forward+backward", forward_and_backward(kernel.wkv7, (r, log_decay, k, v, a, b), dy))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    try:
+        chunked = project_module("wkv_chunked").wkv7_chunked
+    except Exception as error:
+        print(f"  chunked (PyTorch)      skipped: no wkv_chunked.wkv7_chunked ({type(error).__name__}: {error})")
+    else:
+        with torch.no_grad():
+            add("chunked (PyTorch)", "forward", lambda: chunked(r, log_decay, k, v, a, b))
+        add("chunked (PyTorch)", "forward+backward", forward_and_backward(chunked, (r, log_decay, k, v, a, b), dy))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception as error:
+        print(f"  fla chunk_rwkv7        skipped: cannot import fla ({type(error).__name__}: {error})")
+    else:
+        w = log_decay.to(dtype)
+
+        def fla(r_, w_, k_, v_, a_, b_):
+            return chunk_rwkv7(r_, w_, k_, v_, a_, b_, scale=1.0, initial_state=None, output_final_state=True)
+
+        with torch.no_grad():
+            add("fla chunk_rwkv7", "forward", lambda: fla(r, w, k, v, a, b))
+        add("fla chunk_rwkv7", "forward+backward", forward_and_backward(fla, (r, w, k, v, a, b), dy))
+
+    print(f"  {'implementation':<22} {'pass':<26} {'ms':>9} {'Mtok/s':>8} {'x fwd floor':>11}")
+    for row in rows:
+        print(f"  {row['impl']:<22} {row['what']:<26} {row['ms']:>9.3f} {row['tokens_per_s'] / 1e6:>8.2f} "
+              f"{row['x_forward_floor']:>11.1f}")
+    return [dict(row, floor_ms=floor_ms, bandwidth_gbs=bandwidth / 1e9, shape=list(shape)) for row in rows]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of this script")
+    parser.add_argument("--bench-shape", default="8,4096,32,64", help="B,T,H,N of the timing case")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device (use --device cpu for a dry run)")
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device {name}; torch {torch.__version__} (CUDA {torch.version.cuda})")
+    kernel, how = load_kernel(device)
+    print(f"kernel: {how}")
+    wkv = project_module("wkv")
+
+    report = Report()
+    started = time.time()
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if device == "cuda" else (torch.float32, torch.bfloat16)
+    for index, dtype in enumerate(dtypes):
+        check_sequence(report, kernel, wkv.wkv7_recurrent, device, 2, 100, 4, 64, dtype, 0.03, seed=10 + index)
+    check_sequence(report, kernel, wkv.wkv7_recurrent, device, 3, 37, 2, 32, torch.float32, 0.2, seed=20)
+    check_sequence(report, kernel, wkv.wkv7_recurrent, device, 1, 16, 3, 16, torch.bfloat16, 0.0, seed=21)
+    check_sequence(report, kernel, wkv.wkv7_recurrent, device, 2, 1, 2, 64, torch.float32, 0.0, seed=22)
+    for index, dtype in enumerate(dtypes):
+        check_decode(report, kernel, wkv, device, dtype, seed=30 + index)
+    print(f"{len(report.rows) - report.failures}/{len(report.rows)} checks passed in {time.time() - started:.0f} s")
+
+    timings = bench(kernel, device, tuple(int(x) for x in args.bench_shape.split(",")), args.reps)
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "kernel": how,
+                                         "checks": report.rows, "timings": timings}, indent=2))
+    sys.exit(1 if report.failures else 0)
+
+
+if __name__ == "__main__":
+    main()

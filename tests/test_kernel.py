@@ -1,0 +1,327 @@
+"""Issue 5: the compiled WKV-7 kernel (kernels/rwkv7_wkv) in kernel-hub layout, built here as its CPU variant and
+loaded through the `kernels` library; its ops against the reference recurrence; the loader's fallbacks; the CUDA
+sources compiled with nvcc for sm_80 and sm_90."""
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_rwkv7 import wkv_kernel
+from modeling_rwkv7.wkv import wkv7_recurrent
+from modeling_rwkv7.wkv_kernel import load_wkv_kernel, wkv7_kernel
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
+BUILD_SCRIPT = REPO / "scripts" / "build_kernel.py"
+REPO_ID = "modeling-rwkv7/rwkv7-wkv"
+
+
+def run_build_script(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
+    )
+    assert result.returncode == 0, f"build_kernel.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def cpu_variant() -> Path:
+    """Builds (or finds up to date) the CPU variant; returns its directory."""
+    import kernels.variants
+
+    output = run_build_script()
+    variant = re.search(r"rwkv7_wkv/build/(torch\S+-cpu-\S+?)[:\s]", output).group(1)
+    # the name is the one kernels picks on this machine
+    resolved, _ = kernels.variants.resolve_variant([kernels.variants.parse_variant(variant)], "cpu")
+    assert resolved is not None and resolved.variant_str == variant
+    return KERNEL_DIR / "build" / variant
+
+
+@pytest.fixture(scope="session")
+def kernel(cpu_variant):
+    import kernels
+
+    return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
+
+
+def wkv_inputs(batch, seq_len, heads, head_dim, seed, dtype=torch.float32, reset_rate=0.0, with_state=True):
+    """Random inputs at RWKV-7's scale: decay in [exp(-0.61), 1) plus some much faster ones, a = -kappa_hat,
+    b = kappa_hat * iclr, an initial state and a reset mask."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, seq_len, heads, head_dim)
+    r = torch.randn(shape, generator=g)
+    log_decay = -0.6065306597 * torch.sigmoid(torch.randn(shape, generator=g) * 2)
+    log_decay = torch.where(torch.rand(shape, generator=g) < 0.1, log_decay * 8, log_decay)
+    k = torch.randn(shape, generator=g) * 0.5
+    v = torch.randn(shape, generator=g)
+    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
+    a, b = -kappa, kappa * torch.rand(shape, generator=g)
+    state = torch.randn(batch, heads, head_dim, head_dim, generator=g) * 0.3 if with_state else None
+    reset = torch.rand(batch, seq_len, generator=g) < reset_rate if reset_rate else None
+    r, k, v, a, b = (x.to(dtype) for x in (r, k, v, a, b))
+    return r, log_decay, k, v, a, b, state, reset
+
+
+def assert_close(actual, expected, rtol, name=""):
+    """Max abs error within rtol of the largest expected magnitude."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if actual.numel() == 0:
+        return
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert error <= rtol * max(scale, 1e-6), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+# --- layout and loading --------------------------------------------------------------------------------------
+
+
+def test_variant_layout_and_metadata(cpu_variant, kernel):
+    metadata = json.loads((cpu_variant / "metadata.json").read_text())
+    assert metadata["name"] == "rwkv7-wkv" and metadata["version"] == 1 and metadata["backend"] == {"type": "cpu"}
+    assert metadata["python-depends"] == [] and metadata["license"] == "Apache-2.0"
+    assert metadata["id"].startswith("_rwkv7_wkv_cpu_")
+    files = {str(p.relative_to(cpu_variant)) for p in cpu_variant.rglob("*") if "__pycache__" not in p.parts}
+    assert {"__init__.py", "_ops.py", "metadata.json", f"{metadata['id']}.abi3.so", "rwkv7_wkv/__init__.py"} <= files
+    # kernels imports the variant as the module named by the id, and the ops live in that namespace
+    assert kernel.__name__ == metadata["id"]
+    assert kernel.ops is getattr(torch.ops, metadata["id"])
+    assert kernel.ops.forward.default._schema.name == f"{metadata['id']}::forward"
+
+
+def test_build_is_idempotent(cpu_variant):
+    so_file = next(cpu_variant.glob("*.abi3.so"))
+    before = so_file.stat().st_mtime_ns
+    assert "up to date" in run_build_script()
+    assert so_file.stat().st_mtime_ns == before
+
+
+def test_compat_directory_loads_alone(cpu_variant, kernel):
+    """Older `kernels` releases import build/<variant>/rwkv7_wkv/ as the package: it exposes the same API (in its own
+    process, since the ops namespace can be registered once per process)."""
+    script = (
+        "import importlib.util, sys, torch\n"
+        "spec = importlib.util.spec_from_file_location('old_style', sys.argv[1] + '/rwkv7_wkv/__init__.py',\n"
+        "    submodule_search_locations=[sys.argv[1] + '/rwkv7_wkv'])\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['old_style'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "x = torch.randn(1, 3, 1, 16)\n"
+        "y, state = module.wkv7(x, -torch.ones_like(x), x, x, 0 * x, 0 * x)\n"
+        "print(sorted(module.__all__), tuple(y.shape), tuple(state.shape))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(cpu_variant)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{sorted(kernel.__all__)} (1, 3, 1, 16) (1, 1, 16, 16)"
+
+
+# --- the ops against the reference ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head_dim, seq_len, reset_rate, with_state",
+    [(16, 1, 0.0, True), (32, 16, 0.0, False), (64, 37, 0.15, True), (32, 53, 0.3, True), (16, 0, 0.0, True)],
+)
+def test_forward_matches_reference(kernel, head_dim, seq_len, reset_rate, with_state):
+    r, log_decay, k, v, a, b, state, reset = wkv_inputs(2, seq_len, 3, head_dim, seed=seq_len + head_dim,
+                                                        reset_rate=reset_rate, with_state=with_state)
+    expected_y, expected_state = wkv7_recurrent(r, log_decay, k, v, a, b, state, reset)
+    y, final_state = kernel.wkv7(r, log_decay, k, v, a, b, state, reset)
+    assert y.dtype == torch.float32 and final_state.dtype == torch.float32
+    assert_close(y, expected_y, 1e-5, "y")
+    assert_close(final_state, expected_state, 1e-5, "final_state")
+
+
+def test_checkpoints_hold_the_state_entering_each_chunk(kernel):
+    r, log_decay, k, v, a, b, state, reset = wkv_inputs(1, 40, 2, 16, seed=3, reset_rate=0.1)
+    _, _, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, state, reset, True)
+    assert checkpoints.shape == (1, 2, 3, 16, 16)  # ceil(40 / 16) chunks, [key, value]
+    for chunk, start in enumerate((0, 16, 32)):
+        expected = state if start == 0 else wkv7_recurrent(*(x[:, :start] for x in (r, log_decay, k, v, a, b)),
+                                                           state, reset[:, :start])[1]
+        assert_close(checkpoints[:, :, chunk].transpose(-1, -2), expected, 1e-5, f"checkpoint {chunk}")
+
+
+@pytest.mark.parametrize("head_dim, seq_len, reset_rate", [(32, 37, 0.15), (64, 21, 0.0), (16, 33, 0.4)])
+def test_gradients_match_reference(kernel, head_dim, seq_len, reset_rate):
+    inputs = wkv_inputs(2, seq_len, 2, head_dim, seed=100 + seq_len, reset_rate=reset_rate)
+    reset = inputs[-1]
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(2, seq_len, 2, head_dim, generator=g)
+    dstate = torch.randn(2, 2, head_dim, head_dim, generator=g)
+
+    def gradients(fn):
+        leaves = [x.clone().requires_grad_() for x in inputs[:-1]]
+        y, final_state = fn(*leaves, reset)
+        ((y * dy).sum() + (final_state * dstate).sum()).backward()
+        return [x.grad for x in leaves]
+
+    names = ("r", "log_decay", "k", "v", "a", "b", "initial_state")
+    for name, actual, expected in zip(names, gradients(kernel.wkv7), gradients(wkv7_recurrent)):
+        assert_close(actual, expected, 2e-5, f"d{name}")
+
+
+def test_gradients_through_y_only_and_without_initial_state(kernel):
+    r, log_decay, k, v, a, b, _, reset = wkv_inputs(1, 19, 2, 32, seed=11, reset_rate=0.2, with_state=False)
+    grads = []
+    for fn in (kernel.wkv7, wkv7_recurrent):
+        leaves = [x.clone().requires_grad_() for x in (r, log_decay, k, v, a, b)]
+        y, _ = fn(*leaves, None, reset)
+        y.square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for name, actual, expected in zip(("r", "log_decay", "k", "v", "a", "b"), *grads):
+        assert_close(actual, expected, 2e-5, f"d{name}")
+
+
+def test_half_precision_inputs(kernel):
+    r, log_decay, k, v, a, b, state, reset = wkv_inputs(2, 29, 2, 32, seed=5, dtype=torch.bfloat16, reset_rate=0.1)
+    expected_y, expected_state = wkv7_recurrent(r, log_decay, k, v, a, b, state, reset)
+    leaves = [x.clone().requires_grad_() for x in (r, log_decay, k, v, a, b, state)]
+    y, final_state = kernel.wkv7(*leaves, reset)
+    assert y.dtype == torch.bfloat16 and final_state.dtype == torch.float32
+    assert_close(y, expected_y, 1e-2, "y")  # both round the float32 result to bfloat16
+    assert_close(final_state, expected_state, 1e-5, "final_state")
+    y.float().sum().backward()
+    assert [x.grad.dtype for x in leaves] == [torch.bfloat16, torch.float32] + [torch.bfloat16] * 4 + [torch.float32]
+
+
+def test_decode_step_matches_one_reference_step(kernel):
+    r, log_decay, k, v, a, b, state, _ = wkv_inputs(3, 1, 2, 64, seed=21)
+    expected_y, expected_state = wkv7_recurrent(r, log_decay, k, v, a, b, state)
+    live_state = state.clone()
+    y = kernel.wkv7_decode_step(*(x[:, 0] for x in (r, log_decay, k, v, a, b)), live_state)
+    assert y.shape == (3, 2, 64)
+    assert_close(y, expected_y[:, 0], 1e-5, "y")
+    assert_close(live_state, expected_state, 1e-5, "state (updated in place)")
+
+
+def test_decoding_token_by_token_equals_the_sequence_op(kernel):
+    r, log_decay, k, v, a, b, state, _ = wkv_inputs(2, 20, 2, 16, seed=22)
+    y_sequence, final_state = kernel.wkv7(r, log_decay, k, v, a, b, state)
+    live_state = state.clone()
+    y_steps = torch.stack([kernel.wkv7_decode_step(*(x[:, t] for x in (r, log_decay, k, v, a, b)), live_state)
+                           for t in range(20)], dim=1)
+    assert_close(y_steps, y_sequence, 1e-6, "y")
+    assert_close(live_state, final_state, 1e-6, "state")
+
+
+def test_fake_tensor_registrations(kernel):
+    r, log_decay, k, v, a, b, state, reset = wkv_inputs(1, 18, 2, 16, seed=31, reset_rate=0.2)
+    torch.library.opcheck(kernel.ops.forward, (r, log_decay, k, v, a, b, state, reset, True))
+    torch.library.opcheck(kernel.ops.decode_step, tuple(x[:, 0] for x in (r, log_decay, k, v, a, b)) + (state,))
+
+
+def test_bad_inputs_raise_clear_errors(kernel):
+    r, log_decay, k, v, a, b, state, reset = wkv_inputs(1, 5, 2, 16, seed=41, reset_rate=0.5)
+    assert kernel.HEAD_SIZES == (16, 32, 64)
+    with pytest.raises(RuntimeError, match=r"head_dim 48 is not supported; supported head sizes: 16, 32, 64"):
+        x = torch.randn(1, 5, 2, 48)
+        kernel.wkv7(x, x, x, x, x, x)
+    with pytest.raises(RuntimeError, match=r"k has shape \[1, 4, 2, 16\], expected \[1, 5, 2, 16\]"):
+        kernel.wkv7(r, log_decay, k[:, :4], v, a, b)
+    with pytest.raises(RuntimeError, match=r"v has dtype BFloat16, expected Float"):
+        kernel.wkv7(r, log_decay, k, v.bfloat16(), a, b)
+    with pytest.raises(RuntimeError, match=r"initial_state has shape \[1, 2, 16, 8\], expected \[1, 2, 16, 16\]"):
+        kernel.wkv7(r, log_decay, k, v, a, b, state[..., :8])
+    with pytest.raises(RuntimeError, match=r"reset has dtype Float, expected Bool"):
+        kernel.wkv7(r, log_decay, k, v, a, b, state, reset.float())
+
+
+# --- the loader ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    monkeypatch.setattr(wkv_kernel, "_loaded", {})
+    monkeypatch.setattr(wkv_kernel, "_reported", set())
+    monkeypatch.delenv(wkv_kernel.KERNEL_PATH_ENV, raising=False)
+
+
+def test_loader_local_path_and_env_var(kernel, fresh_loader, monkeypatch):
+    assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is kernel
+    assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is kernel  # cached
+    monkeypatch.setenv(wkv_kernel.KERNEL_PATH_ENV, str(KERNEL_DIR / "build"))
+    assert load_wkv_kernel(REPO_ID) is kernel
+
+
+def test_wkv7_kernel_follows_the_reference_contract(kernel, fresh_loader):
+    module = load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR, required=True)
+    r, log_decay, k, v, a, b, state, reset = wkv_inputs(2, 23, 2, 32, seed=51, reset_rate=0.2)
+    for initial_state in (state, None):
+        expected = wkv7_recurrent(r, log_decay, k, v, a, b, initial_state, reset)
+        actual = wkv7_kernel(module, r, log_decay, k, v, a, b, initial_state=initial_state, reset=reset)
+        assert_close(actual[0], expected[0], 1e-5, "y")
+        assert_close(actual[1], expected[1], 1e-5, "final_state")
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == wkv_kernel.__name__ and r.levelno == logging.WARNING]
+
+
+def test_loader_without_the_kernels_package(fresh_loader, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "kernels", None)  # `import kernels` raises ImportError
+    with caplog.at_level(logging.WARNING):
+        assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is None
+        assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is None
+    messages = warnings_of(caplog)
+    assert len(messages) == 1 and "the `kernels` package cannot be imported" in messages[0]
+    with pytest.raises(RuntimeError, match="the `kernels` package cannot be imported"):
+        load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR, required=True)
+
+
+@pytest.mark.parametrize("make_path, reason", [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: tmp, "Cannot find a build variant"),
+])
+def test_loader_bad_path(fresh_loader, tmp_path, caplog, make_path, reason):
+    with caplog.at_level(logging.WARNING):
+        assert load_wkv_kernel(REPO_ID, local_path=make_path(tmp_path)) is None
+    messages = warnings_of(caplog)
+    assert len(messages) == 1 and reason in messages[0] and "\n" not in messages[0]
+    with pytest.raises(RuntimeError, match=reason):
+        load_wkv_kernel(REPO_ID, local_path=make_path(tmp_path), required=True)
+
+
+def test_loader_without_path_on_a_cpu_machine(fresh_loader, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert load_wkv_kernel(REPO_ID) is None
+    assert any("no CUDA device" in m for m in warnings_of(caplog))
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        load_wkv_kernel(REPO_ID, required=True)
+
+
+def test_loader_rejects_a_build_for_another_gpu(kernel, monkeypatch, tmp_path):
+    (tmp_path / "metadata.json").write_text(json.dumps({"backend": {"type": "cuda", "archs": ["8.0", "9.0"]}}))
+    cuda_build = type(sys)("cuda_build")
+    cuda_build.__file__ = str(tmp_path / "__init__.py")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in [((8, 6), None), ((9, 0), None), ((7, 5), "not 7.5 (this GPU)"),
+                                 ((10, 0), "is built for compute capabilities 8.0, 9.0, not 10.0")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda capability=capability: capability)
+        mismatch = wkv_kernel._arch_mismatch(cuda_build)
+        assert mismatch == expected or (expected is not None and expected in mismatch)
+    assert wkv_kernel._arch_mismatch(kernel) is None  # the CPU build has no archs
+
+
+# --- CUDA sources ----------------------------------------------------------------------------------------------
+
+
+def test_cuda_sources_compile_for_sm80_and_sm90():
+    output = run_build_script("--check-cuda")
+    assert "CUDA compile check passed" in output
+    for arch in ("sm_80", "sm_90"):
+        for kernel_name in ("forward", "backward"):
+            for dtype in ("float32", "float16", "bfloat16"):
+                assert f"{arch} {kernel_name} N=64 {dtype}" in output, output
+    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL" in output
