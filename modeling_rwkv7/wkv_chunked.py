@@ -12,16 +12,18 @@ Inside a chunk that starts from state ``S0``, with ``c_t`` the log-decay summed 
     y_t = S0 (r_t e^{c_t})     + sum_{s<=t} [u_s (r_t . b_s e^{c_t-c_s})     + v_s (r_t . k_s e^{c_t-c_s})]
 
 The first line is a unit lower-triangular system for the chunk's ``u`` (the WY / UT form of the delta rule); its
-solution is affine in the start state, ``U = W S0^T + U_intra``. Everything except ``S0`` is computed for all
-chunks at once; only the carry loops over chunks:
+solution is affine in the start state, ``U = W S0^T + U_intra``. Everything but ``S0`` is computed for many chunks
+at once (a tile of about `_TILE_PROBLEMS` chunk x head problems, small enough to stay in cache); only the carry
+loops over chunks:
 
     U = W S0^T + U_intra,    S_end = S0 diag(e^{c_L}) + U^T (b e^{c_L - c}) + v^T (k e^{c_L - c})
 
-and then ``y = (r e^c) S0^T + A_rb U + A_rk v`` for all chunks at once. Decays are always exponentials of
-differences of cumulative log-decays. The pairwise ones are factored around a reference point in the middle of
-each block of ``_BLOCK`` rows, ``e^{c_t - c_s} = e^{c_t - m} e^{m - c_s}``, so no factor exceeds
-``e^{_BLOCK/2 * max|log_decay|}``, whatever the chunk size: exact for log-decays down to ``-2 * _MAX_EXPONENT /
-_BLOCK = -7.5`` (RWKV-7's lie in ``(-0.61, 0)``).
+and then ``y = (r e^c) S0^T + A_rb U + A_rk v`` for the whole tile. Decays are always exponentials of differences
+of cumulative log-decays. The pairwise ones are factored around a reference point ``m`` in the middle of each block
+of ``_BLOCK`` rows, ``e^{c_t - c_s} = e^{c_t - m} e^{m - c_s}``, so that no factor exceeds
+``e^{_BLOCK/2 * max|log_decay|}`` whatever the chunk size. Log-decays are floored at ``_MIN_LOG_DECAY`` (-16; a
+decay below e^-16 = 1e-7 is under float32's resolution of the state it multiplies), which bounds the factors by
+e^64: any log-decay <= 0 is safe, including -inf. RWKV-7's lie in ``(-0.61, 0)``.
 
 A ``reset`` inside a chunk cuts it into segments: a pairwise term is kept only within a segment, ``S0`` reaches
 only the tokens before the chunk's first reset, and only the last segment reaches the chunk's end state.
@@ -42,6 +44,7 @@ _BLOCK = 8  # rows sharing one decay reference point inside a chunk
 _MIN_LOG_DECAY = -16.0  # a decay below e^-16 (1e-7, fp32 resolution) counts as e^-16: the factors stay < e^64
 _MAX_EXPONENT = 80.0  # cap on the factored decay exponents, so that masked-out entries stay finite
 _LOG2_E = 1.4426950408889634
+_TILE_PROBLEMS = 64  # chunk x head problems computed together, so that their intermediates stay in cache
 
 
 def wkv7_chunked(
@@ -63,7 +66,8 @@ def wkv7_chunked(
         initial_state: ``[batch, num_heads, head_dim (value), head_dim (key)]``, or None for zeros.
         reset: ``[batch, seq_len]`` bool, or None. True where a new document starts: the state is zeroed before
             that token is written.
-        chunk_size: tokens per chunk, at most 16 or a multiple of 16.
+        chunk_size: tokens per chunk, at most 8 or a multiple of 8. 16 is the fastest on CPU (the per-chunk state
+            carry, which grows as 1/chunk_size, balances the intra-chunk work, which grows with it).
 
     Returns:
         ``y`` ``[batch, seq_len, num_heads, head_dim]`` in r's dtype, and the final state
@@ -82,91 +86,107 @@ class _WKV7Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_decay, k, v, a, b, initial_state, reset, chunk_size):
         batch_size, seq_len, num_heads, head_dim = r.shape
-        chunks = [_to_chunks(x, chunk_size, log_decay.dtype) for x in (r, log_decay, k, v, a, b)]
-        terms = _chunk_terms(*chunks, _segments(reset, chunk_size, num_heads))
         heads = batch_size * num_heads
-        n_chunks = chunks[0].shape[0] // heads
-
-        # the carry: states[c] is the state at the start of chunk c, states[-1] the final state
-        states = chunks[3].new_empty(n_chunks + 1, heads, head_dim, head_dim)
+        # states[c] is the state at the start of chunk c, states[-1] the final state
+        states = log_decay.new_empty(-(-seq_len // chunk_size) + 1, heads, head_dim, head_dim)
         if initial_state is None:
             states[0].zero_()
         else:
             states[0].copy_(initial_state.reshape(heads, head_dim, head_dim))
-        w, u_intra, b_end, k_end, gamma = (
-            x.unflatten(0, (n_chunks, heads)) for x in (terms.w, terms.u_intra, *terms.ends.chunk(2, 1), terms.gamma)
-        )
-        v_chunks = chunks[3].unflatten(0, (n_chunks, heads))
-        u = torch.empty_like(u_intra)
-        for c in range(n_chunks):
-            state = states[c]
-            torch.baddbmm(u_intra[c], w[c], state.mT, out=u[c])
-            torch.mul(state, gamma[c], out=states[c + 1]).baddbmm_(v_chunks[c].mT, k_end[c]).baddbmm_(u[c].mT, b_end[c])
+        y = torch.empty_like(r, memory_format=torch.contiguous_format)
+        for first, last in _tiles(states.shape[0] - 1, heads):
+            tokens = slice(first * chunk_size, last * chunk_size)
+            chunks = [_to_chunks(x[:, tokens], chunk_size, log_decay.dtype) for x in (r, log_decay, k, v, a, b)]
+            terms = _chunk_terms(*chunks, _segments(reset, tokens, chunk_size, num_heads))
 
-        r_rows = _score_rows(terms.scores, 1)
-        y = torch.bmm(terms.r_start, states[:-1].flatten(0, 1).mT)
-        y.baddbmm_(r_rows[..., :chunk_size], u.flatten(0, 1)).baddbmm_(r_rows[..., chunk_size:], chunks[3])
+            w, u_intra, b_end, k_end, gamma, v_chunks = (
+                x.unflatten(0, (last - first, heads))
+                for x in (terms.w, terms.u_intra, *terms.ends.chunk(2, 1), terms.gamma, chunks[3])
+            )
+            u = torch.empty_like(u_intra)
+            for c in range(last - first):
+                state = states[first + c]
+                torch.baddbmm(u_intra[c], w[c], state.mT, out=u[c])
+                next_state = torch.mul(state, gamma[c], out=states[first + c + 1])
+                next_state.baddbmm_(v_chunks[c].mT, k_end[c]).baddbmm_(u[c].mT, b_end[c])
+
+            r_rows = _score_rows(terms.scores, 1)
+            y_chunks = torch.bmm(terms.r_start, states[first:last].flatten(0, 1).mT)
+            y_chunks.baddbmm_(r_rows[..., :chunk_size], u.flatten(0, 1)).baddbmm_(r_rows[..., chunk_size:], chunks[3])
+            _from_chunks(y_chunks, y[:, tokens])
 
         ctx.save_for_backward(r, log_decay, k, v, a, b, reset, states)
         ctx.chunk_size = chunk_size
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
-        final_state = states[-1].view(batch_size, num_heads, head_dim, head_dim).clone()
-        return _from_chunks(y, batch_size, num_heads, seq_len, r.dtype), final_state
+        return y, states[-1].view(batch_size, num_heads, head_dim, head_dim).clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_final_state):
-        r, log_decay, k, v, a, b, reset, states = ctx.saved_tensors
-        batch_size, seq_len, num_heads, head_dim = r.shape
-        chunk_size, dtype = ctx.chunk_size, log_decay.dtype
-        chunks = [_to_chunks(x, chunk_size, dtype) for x in (r, log_decay, k, v, a, b)]
-        terms = _chunk_terms(*chunks, _segments(reset, chunk_size, num_heads))
-        grad_y = _to_chunks(grad_y, chunk_size, dtype)
+        inputs = ctx.saved_tensors[:6]
+        reset, states = ctx.saved_tensors[6:]
+        batch_size, _, num_heads, head_dim = inputs[0].shape
+        chunk_size, dtype = ctx.chunk_size, states.dtype
         heads = batch_size * num_heads
-        n_chunks = grad_y.shape[0] // heads
-        starts = states[:-1].flatten(0, 1)
-        uv = torch.cat([torch.baddbmm(terms.u_intra, terms.w, starts.mT), chunks[3]], 1)  # [U; v]
-
-        # carry the state gradient backwards; grad_ends[c] is d(loss)/d(state at the end of chunk c)
-        grad_uv = _score_rows(terms.scores, 1).mT @ grad_y  # y's share; the loop adds the end state's
-        grad_start_from_y = grad_y.mT @ terms.r_start
-        grad_ends = torch.empty_like(states[1:])
-        grad_gamma = torch.empty_like(terms.gamma).unflatten(0, (n_chunks, heads))
-        grad_state = grad_final_state.to(dtype).reshape(heads, head_dim, head_dim)
-        w, ends, gamma, grad_uv_chunks, grad_start_from_y = (
-            x.unflatten(0, (n_chunks, heads)) for x in (terms.w, terms.ends, terms.gamma, grad_uv, grad_start_from_y)
-        )
-        for c in reversed(range(n_chunks)):
-            grad_ends[c] = grad_state
-            torch.sum(grad_state * states[c], -2, keepdim=True, out=grad_gamma[c])
-            grad_uv_chunks[c].baddbmm_(ends[c], grad_state.mT)
-            grad_state = torch.baddbmm(
-                torch.addcmul(grad_start_from_y[c], grad_state, gamma[c]), grad_uv_chunks[c, :, :chunk_size].mT, w[c]
-            )
-
-        grads = _chunk_terms_backward(
-            terms,
-            *chunks,
-            uv=uv,
-            grad_y=grad_y,
-            grad_uv=grad_uv,
-            grad_w=grad_uv[:, :chunk_size] @ starts,
-            grad_ends=uv @ grad_ends.flatten(0, 1),
-            grad_gamma=grad_gamma.flatten(0, 1),
-            grad_r_start=grad_y @ starts,
-        )
         grads = [
-            _from_chunks(grad, batch_size, num_heads, seq_len, x.dtype) if needed else None
-            for grad, x, needed in zip(grads, (r, log_decay, k, v, a, b), ctx.needs_input_grad)
+            torch.empty_like(x, memory_format=torch.contiguous_format) if needed else None
+            for x, needed in zip(inputs, ctx.needs_input_grad)
         ]
+        grad_state = grad_final_state.to(dtype).reshape(heads, head_dim, head_dim)
+        for first, last in reversed(_tiles(states.shape[0] - 1, heads)):
+            tokens = slice(first * chunk_size, last * chunk_size)
+            chunks = [_to_chunks(x[:, tokens], chunk_size, dtype) for x in inputs]
+            terms = _chunk_terms(*chunks, _segments(reset, tokens, chunk_size, num_heads))
+            grad_y_chunks = _to_chunks(grad_y[:, tokens], chunk_size, dtype)
+            starts = states[first:last].flatten(0, 1)
+            uv = torch.cat([torch.baddbmm(terms.u_intra, terms.w, starts.mT), chunks[3]], 1)  # [U; v]
+
+            # carry the state gradient backwards through the tile's chunks
+            grad_uv = _score_rows(terms.scores, 1).mT @ grad_y_chunks  # y's share; the loop adds the end state's
+            grad_ends = torch.empty_like(starts)  # d(loss)/d(state at the end of each chunk)
+            grad_gamma = torch.empty_like(terms.gamma)
+            w, ends, gamma, start_states, grad_uv_chunks, grad_ends_chunks, grad_gamma_chunks, grad_start_from_y = (
+                x.unflatten(0, (last - first, heads))
+                for x in (terms.w, terms.ends, terms.gamma, starts, grad_uv, grad_ends, grad_gamma,
+                          grad_y_chunks.mT @ terms.r_start)
+            )
+            for c in reversed(range(last - first)):
+                grad_ends_chunks[c] = grad_state
+                torch.sum(grad_state * start_states[c], -2, keepdim=True, out=grad_gamma_chunks[c])
+                grad_uv_chunks[c].baddbmm_(ends[c], grad_state.mT)
+                grad_state = torch.addcmul(grad_start_from_y[c], grad_state, gamma[c])
+                grad_state.baddbmm_(grad_uv_chunks[c, :, :chunk_size].mT, w[c])
+
+            tile_grads = _chunk_terms_backward(
+                terms,
+                *chunks,
+                uv=uv,
+                grad_y=grad_y_chunks,
+                grad_uv=grad_uv,
+                grad_w=grad_uv[:, :chunk_size] @ starts,
+                grad_ends=uv @ grad_ends,
+                grad_gamma=grad_gamma,
+                grad_r_start=grad_y_chunks @ starts,
+            )
+            for grad, tile_grad in zip(grads, tile_grads):
+                if grad is not None:
+                    _from_chunks(tile_grad, grad[:, tokens])
+
         grad_initial_state = None
         if ctx.needs_input_grad[6]:
             grad_initial_state = grad_state.view(batch_size, num_heads, head_dim, head_dim).to(ctx.initial_state_dtype)
         return (*grads, grad_initial_state, None, None)
 
 
+def _tiles(n_chunks, heads):
+    """Ranges of chunks processed together: about `_TILE_PROBLEMS` chunk x head problems, so that a tile's
+    intermediates stay in cache."""
+    step = max(1, _TILE_PROBLEMS // heads)
+    return [(first, min(first + step, n_chunks)) for first in range(0, n_chunks, step)]
+
+
 class _ChunkTerms(NamedTuple):
-    """A chunk's terms apart from its start state ``S0``, for all chunks and heads at once (``[problems, L,
+    """A chunk's terms apart from its start state ``S0``, for a tile of chunks and heads (``[problems, L,
     head_dim]`` unless noted), and the intermediates the backward pass reuses. With ``U = w S0^T + u_intra``:
 
         S_end = S0 * gamma + [U; v]^T ends,    y = r_start S0^T + [rb | rk] [U; v]
@@ -186,7 +206,6 @@ class _ChunkTerms(NamedTuple):
     start_factor: torch.Tensor  # e^m, 0 from the chunk's first reset on: left * start_factor = (a_start | r_start)
     end_factor: torch.Tensor  # e^{c_L - m_last}, 0 before the last reset: right[:, -1] * end_factor = ends
     inverse: torch.Tensor  # [problems, L, L]: (I - ab)^-1
-    z: torch.Tensor  # ak v
 
 
 def _chunk_terms(r, log_decay, k, v, a, b, segment) -> _ChunkTerms:
@@ -212,7 +231,7 @@ def _chunk_terms(r, log_decay, k, v, a, b, segment) -> _ChunkTerms:
     right = r.new_empty(problems, blocks, 2, chunk_size, head_dim)
     torch.mul(b.unsqueeze(1), column_scale, out=right[:, :, 0])
     torch.mul(k.unsqueeze(1), column_scale, out=right[:, :, 1])
-    scores = left.view(problems, blocks, 2 * block, head_dim) @ right.view(problems, blocks, 2 * chunk_size, head_dim).mT
+    scores = left.view(problems, blocks, 2 * block, head_dim) @ right.view(problems, blocks, -1, head_dim).mT
     invalid = _invalid_scores(chunk_size, block, segment, r.device)
     scores.masked_fill_(invalid, 0.0)
 
@@ -233,10 +252,9 @@ def _chunk_terms(r, log_decay, k, v, a, b, segment) -> _ChunkTerms:
     eye = torch.eye(chunk_size, dtype=r.dtype, device=r.device).expand(problems, chunk_size, chunk_size)
     a_rows = _score_rows(scores, 0)
     inverse = torch.linalg.solve_triangular(-a_rows[..., :chunk_size], eye, upper=False, unitriangular=True)
-    z = a_rows[..., chunk_size:] @ v
     return _ChunkTerms(
         w=inverse @ a_start,
-        u_intra=inverse @ z,
+        u_intra=inverse @ (a_rows[..., chunk_size:] @ v),
         ends=ends,
         gamma=gamma,
         r_start=r_start,
@@ -249,7 +267,6 @@ def _chunk_terms(r, log_decay, k, v, a, b, segment) -> _ChunkTerms:
         start_factor=start_factor,
         end_factor=end_factor,
         inverse=inverse,
-        z=z,
     )
 
 
@@ -315,7 +332,7 @@ def _set_score_rows(scores, which, value):
 
 
 @functools.lru_cache(maxsize=16)
-def _causal_scores(chunk_size, block, device):
+def _causal_scores(chunk_size, device):
     """Which scores are causal, ``[2, L, L]``: rows for u_t see tokens s < t, rows for y_t see s <= t."""
     position = torch.arange(chunk_size, device=device)
     earlier = position[None, :] < position[:, None]
@@ -327,13 +344,13 @@ def _invalid_scores(chunk_size, block, segment, device):
     ones, and those across a reset."""
     if segment is None:
         return _invalid_scores_without_reset(chunk_size, block, device)
-    causal = _causal_scores(chunk_size, block, device) & (segment[:, None, :, None] == segment[:, None, None, :])
+    causal = _causal_scores(chunk_size, device) & (segment[:, None, :, None] == segment[:, None, None, :])
     return _causal_to_invalid(causal, block)
 
 
 @functools.lru_cache(maxsize=16)
 def _invalid_scores_without_reset(chunk_size, block, device):
-    return _causal_to_invalid(_causal_scores(chunk_size, block, device), block)
+    return _causal_to_invalid(_causal_scores(chunk_size, device), block)
 
 
 def _causal_to_invalid(causal, block):
@@ -342,24 +359,21 @@ def _causal_to_invalid(causal, block):
     return ~torch.cat([causal, causal], -1)  # [..., blocks, 2 block, 2 L]
 
 
-def _segments(reset, chunk_size, num_heads):
-    """``[batch, seq_len]`` bool -> ``[chunks*batch*heads, L]``: resets so far in each token's chunk; None if no
-    reset."""
+def _segments(reset, tokens, chunk_size, num_heads):
+    """``[chunks*batch*heads, L]``: how many resets each token of `tokens` follows in its chunk (None if no
+    reset)."""
     if reset is None:
         return None
-    batch_size, seq_len = reset.shape
-    n_chunks = -(-seq_len // chunk_size)
-    padded = reset.new_zeros(batch_size, n_chunks * chunk_size)
-    padded[:, :seq_len] = reset
-    segment = padded.view(batch_size, n_chunks, chunk_size).cumsum(-1, dtype=torch.int32).transpose(0, 1)
-    return segment.unsqueeze(2).expand(n_chunks, batch_size, num_heads, chunk_size).reshape(-1, chunk_size)
+    batch_size = reset.shape[0]
+    segment = _to_chunks(reset[:, tokens, None, None], chunk_size, torch.int32).cumsum(1)  # [chunks*batch, L, 1]
+    return segment.view(-1, batch_size, 1, chunk_size).expand(-1, -1, num_heads, -1).reshape(-1, chunk_size)
 
 
 def _to_chunks(x, chunk_size, dtype):
-    """``[batch, seq_len, heads, dim]`` -> ``[chunks*batch*heads, chunk_size, dim]`` in `dtype`, zero-padded.
+    """``[batch, tokens, heads, dim]`` -> ``[chunks*batch*heads, chunk_size, dim]`` in `dtype`, zero-padded.
     Zero padding is neutral: no write, no removal, and the padded log-decay 0 keeps the state."""
-    batch_size, seq_len, num_heads, dim = x.shape
-    n_full, remainder = divmod(seq_len, chunk_size)
+    batch_size, n_tokens, num_heads, dim = x.shape
+    n_full, remainder = divmod(n_tokens, chunk_size)
     out = x.new_empty(n_full + (remainder > 0), batch_size, num_heads, chunk_size, dim, dtype=dtype)
     full = x[:, : n_full * chunk_size].view(batch_size, n_full, chunk_size, num_heads, dim)
     out[:n_full].copy_(full.permute(1, 0, 3, 2, 4))
@@ -369,11 +383,17 @@ def _to_chunks(x, chunk_size, dtype):
     return out.flatten(0, 2)
 
 
-def _from_chunks(x, batch_size, num_heads, seq_len, dtype):
-    """Inverse of `_to_chunks`: ``[chunks*batch*heads, chunk_size, dim]`` -> ``[batch, seq_len, heads, dim]``."""
-    _, chunk_size, dim = x.shape
-    x = x.view(-1, batch_size, num_heads, chunk_size, dim).permute(1, 0, 3, 2, 4)
-    return x.reshape(batch_size, -1, num_heads, dim)[:, :seq_len].to(dtype)
+def _from_chunks(x, out):
+    """Inverse of `_to_chunks`: writes ``[chunks*batch*heads, chunk_size, dim]`` into ``out``
+    ``[batch, tokens, heads, dim]`` (in out's dtype), dropping the padding."""
+    batch_size, n_tokens, num_heads, dim = out.shape
+    chunk_size = x.shape[1]
+    n_full, remainder = divmod(n_tokens, chunk_size)
+    x = x.view(-1, batch_size, num_heads, chunk_size, dim)
+    full = out[:, : n_full * chunk_size].view(batch_size, n_full, chunk_size, num_heads, dim)
+    full.copy_(x[:n_full].permute(1, 0, 3, 2, 4))
+    if remainder:
+        out[:, n_full * chunk_size :].copy_(x[-1, :, :, :remainder].transpose(1, 2))
 
 
 def _check_inputs(r, log_decay, k, v, a, b, initial_state, reset, chunk_size):

@@ -1,0 +1,226 @@
+"""The RWKV-7 recurrent state as a transformers `Cache`.
+
+Per layer the state is three tensors, whatever the sequence length:
+
+    recurrent_state:  [batch, num_heads, head_dim (value), head_dim (key)], float32 (the WKV matrix state,
+                      in the official `[V, K]` layout)
+    attn_shift_state: [batch, hidden_size] (the last token's time-mix input, for token shift)
+    ffn_shift_state:  [batch, hidden_size] (the last token's channel-mix input)
+"""
+
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.cache_utils import Cache
+
+from .configuration_rwkv7 import RWKV7Config
+
+
+class RWKV7LayerState:
+    """The state of one RWKV-7 block. Tensors are replaced, never resized: the size is fixed at creation."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, recurrent_state: torch.Tensor, attn_shift_state: torch.Tensor, ffn_shift_state: torch.Tensor):
+        self.recurrent_state = recurrent_state
+        self.attn_shift_state = attn_shift_state
+        self.ffn_shift_state = ffn_shift_state
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "recurrent_state": self.recurrent_state,
+            "attn_shift_state": self.attn_shift_state,
+            "ffn_shift_state": self.ffn_shift_state,
+        }
+
+    def apply(self, fn) -> None:
+        """Replace every tensor `t` by `fn(t)`."""
+        self.recurrent_state = fn(self.recurrent_state)
+        self.attn_shift_state = fn(self.attn_shift_state)
+        self.ffn_shift_state = fn(self.ffn_shift_state)
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent_state.shape[0]
+
+    def reset(self) -> None:
+        for tensor in self.tensors().values():
+            tensor.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.apply(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self.apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(
+            "An RWKV-7 state cannot be cropped: it keeps no per-token history. Save a copy with `cache.copy()` "
+            "before the tokens you may want to undo."
+        )
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RWKV7Cache(Cache):
+    """Recurrent state of an RWKV-7 model for `batch_size` sequences: O(1) in the sequence length.
+
+    Create it with `RWKV7Cache(config, batch_size)` or `model.init_cache(batch_size)`, pass it as
+    `past_key_values`, and the model continues from it and updates it in place of the old tensors.
+    `seen_tokens` counts the positions processed so far (padding included), which `generate()` needs.
+    """
+
+    def __init__(
+        self,
+        config: RWKV7Config,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+    ):
+        self._allocate(config.num_hidden_layers, config.num_heads, config.head_dim, batch_size, dtype, device)
+
+    def _allocate(self, num_layers: int, num_heads: int, head_dim: int, batch_size: int, dtype, device) -> None:
+        """Zero state for `batch_size` sequences (dtype applies to the shift states; the WKV state is float32)."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.num_heads, self.head_dim, self.hidden_size = num_heads, head_dim, num_heads * head_dim
+        layers = [
+            RWKV7LayerState(
+                recurrent_state=torch.zeros(batch_size, num_heads, head_dim, head_dim, dtype=torch.float32, device=device),
+                attn_shift_state=torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device),
+                ffn_shift_state=torch.zeros(batch_size, self.hidden_size, dtype=dtype, device=device),
+            )
+            for _ in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.seen_tokens = 0
+
+    # --- what `generate()` and the model ask of a cache -------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the state tensors, in bytes (constant during generation)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors().values())
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def check_compatible(self, config: RWKV7Config, batch_size: int) -> None:
+        """Raise a ValueError if this state cannot continue a forward pass of `config` on `batch_size` rows."""
+        expected = (config.num_hidden_layers, config.num_heads, config.head_dim, config.hidden_size)
+        found = (len(self.layers), self.num_heads, self.head_dim, self.hidden_size)
+        if found != expected:
+            raise ValueError(
+                f"RWKV7Cache (layers, heads, head_dim, hidden) = {found} does not match the model's {expected}."
+            )
+        if self.batch_size != batch_size:
+            raise ValueError(f"RWKV7Cache holds batch size {self.batch_size} but the input has batch size {batch_size}.")
+
+    # --- state as a first-class object -----------------------------------------------------------------------
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "RWKV7Cache":
+        """Move the state to `device`; `dtype` applies to the shift states only (the WKV state stays float32)."""
+        for layer in self.layers:
+            layer.recurrent_state = layer.recurrent_state.to(device)
+            layer.attn_shift_state = layer.attn_shift_state.to(device, dtype)
+            layer.ffn_shift_state = layer.ffn_shift_state.to(device, dtype)
+        return self
+
+    def copy(self) -> "RWKV7Cache":
+        """An independent copy (e.g. to branch several continuations off one processed prompt)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.layers = [RWKV7LayerState(**{k: t.clone() for k, t in layer.tensors().items()}) for layer in self.layers]
+        return clone
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to a safetensors file (atomically: a temporary file renamed at the end)."""
+        tensors = {
+            f"layers.{i}.{name}": tensor.detach().contiguous().cpu()
+            for i, layer in enumerate(self.layers)
+            for name, tensor in layer.tensors().items()
+        }
+        metadata = {
+            "format": "rwkv7-state",
+            "num_hidden_layers": str(len(self.layers)),
+            "num_heads": str(self.num_heads),
+            "head_dim": str(self.head_dim),
+            "hidden_size": str(self.hidden_size),
+            "seen_tokens": str(self.seen_tokens),
+        }
+        path = os.fspath(path)
+        tmp_path = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp_path, metadata=metadata)
+            os.replace(tmp_path, path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, config: Optional[RWKV7Config] = None, device: Optional[torch.device | str] = None
+    ) -> "RWKV7Cache":
+        """Read a state written by `save`. With `config`, check that it fits that model (raises ValueError)."""
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != "rwkv7-state":
+                raise ValueError(f"{path} is not an RWKV7Cache file (metadata format={metadata.get('format')!r}).")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        shape = {key: int(metadata[key]) for key in ("num_hidden_layers", "num_heads", "head_dim", "hidden_size")}
+        if config is not None:
+            expected = {
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_heads": config.num_heads,
+                "head_dim": config.head_dim,
+                "hidden_size": config.hidden_size,
+            }
+            if shape != expected:
+                raise ValueError(f"The state in {path} has shape {json.dumps(shape)}, the model expects {json.dumps(expected)}.")
+        first = tensors["layers.0.attn_shift_state"]
+        cache = cls.__new__(cls)
+        cache._allocate(shape["num_hidden_layers"], shape["num_heads"], shape["head_dim"], first.shape[0], first.dtype, device)
+        for i, layer in enumerate(cache.layers):
+            for name, empty in layer.tensors().items():
+                key = f"layers.{i}.{name}"
+                if key not in tensors or tensors[key].shape != empty.shape:
+                    found = tuple(tensors[key].shape) if key in tensors else "missing"
+                    raise ValueError(f"{path}: tensor {key} is {found}, expected {tuple(empty.shape)}.")
+                setattr(layer, name, tensors[key].to(device))
+        cache.seen_tokens = int(metadata["seen_tokens"])
+        return cache
+
+
+__all__ = ["RWKV7Cache", "RWKV7LayerState"]

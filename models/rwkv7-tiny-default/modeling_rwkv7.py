@@ -1,0 +1,637 @@
+"""RWKV-7 "Goose" (x070) for transformers, following BlinkDL's official RWKV-LM / `rwkv` package equations.
+
+Parameter names follow flash-linear-attention's RWKV-7 (so fla-hub checkpoints load as they are and PEFT's default
+LoRA targets for `rwkv7` apply). Official names are given next to each parameter.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.utils import ModelOutput, can_return_tuple, logging
+
+from .cache_rwkv7 import RWKV7Cache
+from .configuration_rwkv7 import RWKV7Config
+from .wkv import wkv7
+
+logger = logging.get_logger(__name__)
+
+# decay = exp(-exp(-0.5) * sigmoid(w)) lies in (0.5452, 1)
+DECAY_SCALE = math.exp(-0.5)
+
+
+def token_shift(
+    hidden_states: torch.Tensor,
+    shift_state: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    reset: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous token's input for every position.
+
+    hidden_states: [batch, seq_len, hidden]; shift_state: [batch, hidden], the input of the token before this chunk
+    (zeros at a fresh start). mask: [batch, seq_len] bool, False at padding: padded positions are skipped, so a token
+    sees the last *real* token before it. reset: [batch, seq_len] bool, True where a document starts (previous = 0).
+    Returns (x_prev [batch, seq_len, hidden], the new shift_state [batch, hidden]).
+    """
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    extended = torch.cat([shift_state[:, None].to(hidden_states.dtype), hidden_states], dim=1)
+    if mask is None:
+        x_prev, new_shift_state = extended[:, :-1], hidden_states[:, -1]
+    else:
+        positions = torch.arange(1, seq_len + 1, device=mask.device).expand(batch_size, seq_len)
+        # index into `extended` of the last real token at or before each position (0 = the shift state)
+        last_real = torch.where(mask, positions, 0).cummax(dim=1).values
+        previous_real = torch.cat([last_real.new_zeros(batch_size, 1), last_real[:, :-1]], dim=1)
+        x_prev = extended.gather(1, previous_real[..., None].expand(-1, -1, hidden_size))
+        new_shift_state = extended[torch.arange(batch_size, device=mask.device), last_real[:, -1]]
+    if reset is not None:
+        x_prev = x_prev.masked_fill(reset[..., None], 0.0)
+    return x_prev, new_shift_state
+
+
+class RWKV7LoRA(nn.Module):
+    """`x -> activation(x @ A^T) @ B^T (+ bias)`: [..., hidden] -> [..., hidden], rank `low_rank_dim`.
+
+    Official: `A^T = att.{w,a,v,g}1` [C, D], `B^T = att.{w,a,v,g}2` [D, C], `bias = att.{w,a,v}0`.
+    """
+
+    def __init__(self, hidden_size: int, low_rank_dim: int, activation: Optional[nn.Module], bias: bool = True):
+        super().__init__()
+        self.lora = nn.Sequential(
+            nn.Linear(hidden_size, low_rank_dim, bias=False),
+            activation if activation is not None else nn.Identity(),
+            nn.Linear(low_rank_dim, hidden_size, bias=bias),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lora(hidden_states)
+
+
+class RWKV7Attention(nn.Module):
+    """RWKV-7 time mix (official `blocks.{i}.att`): token shift, the six lerps, the LoRAs, the WKV delta rule,
+    per-head GroupNorm, the `r * k * r_k` bonus and the output gate."""
+
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        hidden_size = config.hidden_size
+
+        # token-shift interpolation weights (att.x_r ... att.x_g)
+        self.x_r = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.x_w = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.x_k = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.x_v = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.x_a = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.x_g = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.k_k = nn.Parameter(torch.zeros(hidden_size))  # att.k_k: scales k into the removal key
+        self.k_a = nn.Parameter(torch.zeros(hidden_size))  # att.k_a: how much the learning rate scales k
+        self.r_k = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))  # att.r_k: bonus weights
+
+        self.r_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # att.receptance
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # att.key
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # att.value
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # att.output
+
+        self.w_lora = RWKV7LoRA(hidden_size, config.decay_low_rank_dim, nn.Tanh())  # decay
+        self.a_lora = RWKV7LoRA(hidden_size, config.a_low_rank_dim, None)  # in-context learning rate
+        if layer_idx > 0:
+            self.v_lora = RWKV7LoRA(hidden_size, config.v_low_rank_dim, None)  # value residual mix
+        self.g_lora = RWKV7LoRA(hidden_size, config.gate_low_rank_dim, nn.Sigmoid(), bias=False)  # output gate
+        self.g_norm = nn.GroupNorm(self.num_heads, hidden_size, eps=config.head_dim * config.norm_eps)  # att.ln_x
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        v_first: Optional[torch.Tensor],
+        shift_state: torch.Tensor,
+        recurrent_state: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+        reset: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states: [batch, seq_len, hidden] (after attn_norm). v_first: layer 0's values [batch, seq_len,
+        hidden] (None in layer 0). shift_state: [batch, hidden]. recurrent_state: [batch, heads, head_dim, head_dim]
+        float32 or None. Returns (output, v_first, new shift_state, new recurrent_state)."""
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        heads_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+
+        x_prev, shift_state = token_shift(hidden_states, shift_state, mask, reset)
+        delta = x_prev - hidden_states
+        x_r = hidden_states.addcmul(delta, self.x_r)
+        x_w = hidden_states.addcmul(delta, self.x_w)
+        x_k = hidden_states.addcmul(delta, self.x_k)
+        x_v = hidden_states.addcmul(delta, self.x_v)
+        x_a = hidden_states.addcmul(delta, self.x_a)
+        x_g = hidden_states.addcmul(delta, self.x_g)
+
+        receptance = self.r_proj(x_r)
+        log_decay = -DECAY_SCALE * torch.sigmoid(self.w_lora(x_w).float())
+        key = self.k_proj(x_k)
+        value = self.v_proj(x_v)
+        learning_rate = torch.sigmoid(self.a_lora(x_a))
+        gate = self.g_lora(x_g)
+
+        removal_key = F.normalize((key * self.k_k).view(heads_shape), dim=-1, p=2.0)
+        key = key * (1 + (learning_rate - 1) * self.k_a)
+        if self.layer_idx == 0:
+            v_first = value
+        else:
+            value = torch.lerp(value, v_first, torch.sigmoid(self.v_lora(x_v)))
+
+        wkv_key, wkv_value, replace_rate = key, value, learning_rate
+        if mask is not None:
+            # padded positions leave the state untouched: decay 1, nothing removed, nothing written
+            keep = mask[..., None]
+            wkv_key, wkv_value, replace_rate = key * keep, value * keep, learning_rate * keep
+            log_decay = log_decay * keep
+        output, recurrent_state = wkv7(
+            receptance.view(heads_shape),
+            log_decay.view(heads_shape),
+            wkv_key.view(heads_shape),
+            wkv_value.view(heads_shape),
+            -removal_key,
+            removal_key * replace_rate.view(heads_shape),
+            initial_state=recurrent_state,
+            reset=reset,
+            backend=self.config.wkv_backend,
+            kernel_repo=self.config.kernel_repo,
+        )
+
+        output = self.g_norm(output.reshape(batch_size * seq_len, hidden_size)).view(batch_size, seq_len, hidden_size)
+        bonus = (receptance * key).view(heads_shape).mul(self.r_k).sum(dim=-1, keepdim=True) * value.view(heads_shape)
+        output = self.o_proj((output + bonus.view_as(output)) * gate)
+        return output, v_first, shift_state, recurrent_state
+
+
+class RWKV7FeedForward(nn.Module):
+    """RWKV-7 channel mix (official `blocks.{i}.ffn`): `value(relu(key(lerp(x, x_prev, x_k)))^2)`."""
+
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.x_k = nn.Parameter(torch.zeros(config.hidden_size))
+        self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        shift_state: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        reset: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states: [batch, seq_len, hidden] (after ffn_norm); shift_state: [batch, hidden].
+        Returns (output [batch, seq_len, hidden], new shift_state)."""
+        x_prev, shift_state = token_shift(hidden_states, shift_state, mask, reset)
+        key = torch.relu(self.key(hidden_states.addcmul(x_prev - hidden_states, self.x_k))).square()
+        return self.value(key), shift_state
+
+
+class RWKV7Block(GradientCheckpointingLayer):
+    """One RWKV-7 block: `x += attn(attn_norm(x)); x += ffn(ffn_norm(x))`, with `pre_norm` (official `ln0`) on the
+    embeddings in layer 0. Pure in its state: takes the layer's state and returns the new one."""
+
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        if layer_idx == 0:
+            self.pre_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = RWKV7Attention(config, layer_idx)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.ffn = RWKV7FeedForward(config, layer_idx)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        v_first: Optional[torch.Tensor],
+        attn_shift_state: torch.Tensor,
+        recurrent_state: Optional[torch.Tensor],
+        ffn_shift_state: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        reset: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Returns (hidden_states, v_first, attn_shift_state, recurrent_state, ffn_shift_state)."""
+        if self.layer_idx == 0:
+            hidden_states = self.pre_norm(hidden_states)
+        attn_output, v_first, attn_shift_state, recurrent_state = self.attn(
+            self.attn_norm(hidden_states), v_first, attn_shift_state, recurrent_state, mask, reset
+        )
+        hidden_states = hidden_states + self.dropout(attn_output)
+        ffn_output, ffn_shift_state = self.ffn(self.ffn_norm(hidden_states), ffn_shift_state, mask, reset)
+        hidden_states = hidden_states + self.dropout(ffn_output)
+        return hidden_states, v_first, attn_shift_state, recurrent_state, ffn_shift_state
+
+
+class RWKV7PreTrainedModel(PreTrainedModel):
+    config: RWKV7Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RWKV7Block"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """The official RWKV-LM x070 initialisation for training from scratch. Children are initialised before
+        their parents, so the time-mix and channel-mix modules set all of their own parameters last."""
+        config = self.config
+        if isinstance(module, RWKV7Attention):
+            _init_attention(module, config)
+        elif isinstance(module, RWKV7FeedForward):
+            _init_feed_forward(module, config)
+        elif isinstance(module, nn.Embedding):
+            init.uniform_(module.weight, -1e-4, 1e-4)
+        elif isinstance(module, nn.Linear):
+            if module is getattr(self, "lm_head", None):
+                vocab_size, hidden_size = module.weight.shape
+                gain = 0.5 * math.sqrt(vocab_size / hidden_size) if vocab_size > hidden_size else 0.5
+            elif module is getattr(self, "score", None):
+                gain = 0.5
+            else:
+                gain = _orthogonal_gain(module.weight)
+            init.orthogonal_(module.weight, gain=gain)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def _use_decode_layout(self) -> None:
+        """Store every projection weight column-major (`[out, in]` shape and values unchanged, `[in, out]` in
+        memory), once. CPU GEMV reads that layout 1.2-1.7x faster than row-major (`x @ W[in, out]`, as the official
+        `rwkv` package stores its weights), and GEMMs are indifferent to it, so decoding gets faster at no memory
+        cost. `save_pretrained` writes contiguous tensors as usual."""
+        if getattr(self, "_decode_layout", False):
+            return
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.shape[0] > 1:
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        self._decode_layout = True
+
+    def init_cache(self, batch_size: int = 1) -> RWKV7Cache:
+        """A fresh (zero) recurrent state for `batch_size` sequences, on the model's device."""
+        return RWKV7Cache(self.config, batch_size, dtype=self.dtype, device=self.device)
+
+
+def _is_cpu_decode_step(hidden_states: torch.Tensor) -> bool:
+    """One token per row, on CPU, for inference: the case where weight layout decides the speed."""
+    return hidden_states.shape[1] == 1 and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _orthogonal_gain(weight: torch.Tensor) -> float:
+    """RWKV-LM's `ortho_init` gain: sqrt(rows / cols) for tall matrices, else 1."""
+    rows, cols = weight.shape
+    return math.sqrt(rows / cols) if rows > cols else 1.0
+
+
+def _init_attention(attn: RWKV7Attention, config: RWKV7Config) -> None:
+    hidden_size, num_layers, layer_idx = config.hidden_size, config.num_hidden_layers, attn.layer_idx
+    device = attn.x_r.device
+    ratio_0_to_1 = layer_idx / max(num_layers - 1, 1)
+    ratio_1_to_almost_0 = 1.0 - layer_idx / num_layers
+    ddd = torch.arange(hidden_size, device=device, dtype=torch.float32) / hidden_size
+    linear = torch.arange(hidden_size, device=device, dtype=torch.float32) / (hidden_size - 1) - 0.5
+    zigzag = ((torch.arange(hidden_size, device=device) % config.head_dim) - (config.head_dim - 1) / 2) / (
+        (config.head_dim - 1) / 2
+    )
+    zigzag = zigzag * zigzag.abs()
+    decay_speed = -6 + 6 * (torch.arange(hidden_size, device=device) / (hidden_size - 1)) ** (1 + ratio_0_to_1**0.3)
+
+    def mix(power: float) -> torch.Tensor:
+        return (1.0 - ddd.pow(power * ratio_1_to_almost_0)).view(1, 1, -1)
+
+    init.copy_(attn.x_r, mix(0.2))
+    init.copy_(attn.x_w, mix(0.9))
+    init.copy_(attn.x_k, mix(0.7))
+    init.copy_(attn.x_v, mix(0.7))
+    init.copy_(attn.x_a, mix(0.9))
+    init.copy_(attn.x_g, mix(0.2))
+    init.copy_(attn.k_k, 0.71 - 0.1 * linear)
+    init.constant_(attn.k_a, 1.02)
+    init.constant_(attn.r_k, -0.04)
+
+    loras = {"w_lora": decay_speed + 0.5 + 2.5 * zigzag, "a_lora": -0.19 + 0.3 * zigzag + 0.4 * linear, "g_lora": None}
+    if layer_idx > 0:
+        loras["v_lora"] = 0.73 - 0.4 * linear
+    for name, bias in loras.items():
+        lora = getattr(attn, name).lora
+        init.zeros_(lora[0].weight)
+        init.orthogonal_(lora[2].weight, gain=0.1)
+        if bias is not None:
+            init.copy_(lora[2].bias, bias)
+
+    init.orthogonal_(attn.r_proj.weight, gain=1.0)
+    init.orthogonal_(attn.k_proj.weight, gain=0.1)
+    init.orthogonal_(attn.v_proj.weight, gain=1.0)
+    init.zeros_(attn.o_proj.weight)
+    init.constant_(attn.g_norm.weight, ((layer_idx + 1) / num_layers) ** 0.7)
+    init.zeros_(attn.g_norm.bias)
+
+
+def _init_feed_forward(ffn: RWKV7FeedForward, config: RWKV7Config) -> None:
+    layer_ratio = 1.0 - ffn.layer_idx / config.num_hidden_layers
+    ddd = torch.arange(config.hidden_size, device=ffn.x_k.device, dtype=torch.float32) / config.hidden_size
+    init.copy_(ffn.x_k, 1.0 - ddd.pow(layer_ratio**4))
+    init.orthogonal_(ffn.key.weight, gain=_orthogonal_gain(ffn.key.weight))
+    init.zeros_(ffn.value.weight)
+
+
+@dataclass
+class RWKV7ModelOutput(ModelOutput):
+    """
+    last_hidden_state: [batch, seq_len, hidden], after the final norm.
+    pooler_output: [batch, hidden], the last real (non-padded) position of each row: the sequence encoding.
+    past_key_values: the recurrent state after this input (`RWKV7Cache`), when `use_cache`.
+    hidden_states: the input of every block and the final output, when `output_hidden_states`.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    pooler_output: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[RWKV7Cache] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+class RWKV7Model(RWKV7PreTrainedModel):
+    """The RWKV-7 stack: token ids (or continuous features) -> normalized hidden states and a pooled encoding."""
+
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size) if config.vocab_size else None
+        if config.input_size is not None and config.input_size != config.hidden_size:
+            self.input_proj = nn.Linear(config.input_size, config.hidden_size)
+        else:
+            self.input_proj = None
+        self.layers = nn.ModuleList([RWKV7Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)  # official ln_out
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def _embed(self, input_ids: Optional[torch.LongTensor], inputs_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if input_ids is not None:
+            if self.embeddings is None:
+                raise ValueError(
+                    f"This model has no token embedding (vocab_size=None): pass features of width "
+                    f"{self.config.input_size} as inputs_embeds."
+                )
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+                raise ValueError(f"Token id {bad} is out of the vocabulary range [0, {self.config.vocab_size}).")
+            return self.embeddings(input_ids)
+        width = self.config.input_size or self.config.hidden_size
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+            raise ValueError(
+                f"inputs_embeds must be [batch, seq_len, {width}], got shape {tuple(inputs_embeds.shape)}."
+            )
+        if not inputs_embeds.is_floating_point():
+            raise ValueError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}.")
+        inputs_embeds = inputs_embeds.to(self.dtype)
+        return self.input_proj(inputs_embeds) if self.input_proj is not None else inputs_embeds
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RWKV7Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs,
+    ) -> RWKV7ModelOutput:
+        r"""
+        input_ids: [batch, seq_len] token ids, or inputs_embeds: [batch, seq_len, input_size or hidden_size].
+        attention_mask: [batch, past + seq_len] with 0 at padding; padded positions leave the state unchanged.
+        position_ids: only read to find document starts in packed rows: a 0 after the first position starts a new
+            document with a fresh state.
+        past_key_values: an `RWKV7Cache` to continue from; it is updated with this input.
+        """
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        batch_size, seq_len = hidden_states.shape[:2]
+        if _is_cpu_decode_step(hidden_states):
+            self._use_decode_layout()
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        mask = _padding_mask(attention_mask, batch_size, seq_len)
+        reset = _document_starts(position_ids, batch_size, seq_len)
+
+        if past_key_values is not None:
+            if not isinstance(past_key_values, RWKV7Cache):
+                raise TypeError(
+                    f"past_key_values must be an RWKV7Cache (see model.init_cache), got {type(past_key_values).__name__}."
+                )
+            past_key_values.check_compatible(self.config, batch_size)
+        elif use_cache:
+            past_key_values = RWKV7Cache(self.config, batch_size, dtype=hidden_states.dtype, device=hidden_states.device)
+
+        all_hidden_states = () if output_hidden_states else None
+        zeros = hidden_states.new_zeros(batch_size, self.config.hidden_size)
+        v_first = None
+        for layer_idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if past_key_values is not None:
+                state = past_key_values.layers[layer_idx]
+                layer_state = (state.attn_shift_state, state.recurrent_state, state.ffn_shift_state)
+            else:
+                layer_state = (zeros, None, zeros)
+            hidden_states, v_first, attn_shift, recurrent_state, ffn_shift = layer(
+                hidden_states, v_first, *layer_state, mask, reset
+            )
+            if past_key_values is not None:
+                state.attn_shift_state, state.recurrent_state, state.ffn_shift_state = attn_shift, recurrent_state, ffn_shift
+
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += seq_len
+
+        last_real = _last_real_position(mask, batch_size, seq_len, hidden_states.device)
+        pooler_output = hidden_states[torch.arange(batch_size, device=hidden_states.device), last_real]
+        return RWKV7ModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=pooler_output,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+def _padding_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+    """The [batch, seq_len] bool mask of this chunk (the last seq_len columns), or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"attention_mask must be [batch={batch_size}, past + seq_len >= {seq_len}], "
+            f"got shape {tuple(attention_mask.shape)}."
+        )
+    mask = attention_mask[:, -seq_len:].bool()
+    return None if bool(mask.all()) else mask
+
+
+def _document_starts(position_ids: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+    """[batch, seq_len] bool, True where a packed document starts after the first position, or None."""
+    if position_ids is None or seq_len < 2:
+        return None
+    if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch_size):
+        raise ValueError(
+            f"position_ids must be [batch={batch_size} or 1, seq_len={seq_len}], got shape {tuple(position_ids.shape)}."
+        )
+    reset = (position_ids == 0).expand(batch_size, seq_len).clone()
+    reset[:, 0] = False
+    return reset if bool(reset.any()) else None
+
+
+def _last_real_position(mask: Optional[torch.Tensor], batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """Index of the last non-padded position per row ([batch] long); the last position when nothing is padded."""
+    if mask is None:
+        return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
+    positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+    return torch.where(mask, positions, -1).amax(dim=1).clamp_min(0)
+
+
+class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise ValueError("RWKV7ForCausalLM needs config.vocab_size; got None.")
+        self.model = RWKV7Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # official head
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RWKV7Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: [batch, seq_len] next-token targets (shifted inside), -100 to ignore.
+        logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all), or for the positions
+            in a 1-D index tensor; the vocabulary head is skipped for the others.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if _is_cpu_decode_step(hidden_states):
+            self._use_decode_layout()
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
+    """RWKV-7 with a linear head on the last real position (`pooler_output`)."""
+
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RWKV7Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RWKV7Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        r"""labels: [batch] class ids (or floats for regression / multi-label, per `config.problem_type`)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = [
+    "RWKV7PreTrainedModel",
+    "RWKV7Model",
+    "RWKV7ForCausalLM",
+    "RWKV7ForSequenceClassification",
+    "RWKV7Attention",
+    "RWKV7FeedForward",
+    "RWKV7Block",
+]

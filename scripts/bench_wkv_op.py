@@ -1,0 +1,94 @@
+"""Micro-benchmark of the WKV-7 operator alone: the reference loop `wkv7_recurrent` vs the chunked `wkv7_chunked`.
+
+One layer of the RWKV-7 0.1B shape (12 heads of 64), float32, seq_len 512, batch 1 and 4, forward (no grad) and
+forward+backward (gradients of every input). One warm-up, then `--reps` timed runs; the table gives the median
+wall-clock time and, as a guide when the machine is shared, the median CPU time of the process (all threads).
+
+    python scripts/bench_wkv_op.py [--threads 2] [--reps 5] [--chunk-sizes 16,32,64] [--batch-sizes 1,4]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from modeling_rwkv7.wkv import wkv7_recurrent
+from modeling_rwkv7.wkv_chunked import wkv7_chunked
+
+NUM_HEADS, HEAD_DIM, SEQ_LEN = 12, 64, 512
+
+
+def random_inputs(batch_size: int, seed: int) -> list[torch.Tensor]:
+    """r, log_decay, k, v, a, b at RWKV-7's scales."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, SEQ_LEN, NUM_HEADS, HEAD_DIM)
+    r, k, v, kappa, iclr, decay = (torch.randn(shape, generator=generator) for _ in range(6))
+    kappa = torch.nn.functional.normalize(kappa, dim=-1)
+    return [r, -0.6065 * torch.sigmoid(decay), k, v, -kappa, kappa * torch.sigmoid(iclr)]
+
+
+def measure(run, reps: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU milliseconds of `run()` after one warm-up."""
+    run()
+    wall, cpu = [], []
+    for _ in range(reps):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        run()
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
+
+
+def forward(op, inputs):
+    def run():
+        with torch.no_grad():
+            op(*inputs)
+
+    return run
+
+
+def forward_backward(op, inputs):
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    generator = torch.Generator().manual_seed(0)
+    grad_y = torch.randn(leaves[0].shape, generator=generator)
+    grad_state = torch.randn(leaves[0].shape[0], NUM_HEADS, HEAD_DIM, HEAD_DIM, generator=generator)
+
+    def run():
+        y, state = op(*leaves)
+        torch.autograd.backward([y, state], [grad_y, grad_state])
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--chunk-sizes", default="16,32,64")
+    parser.add_argument("--batch-sizes", default="1,4")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ops = [("reference loop", wkv7_recurrent)]
+    for chunk_size in map(int, args.chunk_sizes.split(",")):
+        ops.append((f"chunked, chunk {chunk_size}", lambda *x, c=chunk_size: wkv7_chunked(*x, chunk_size=c)))
+
+    print(f"WKV-7 op, {NUM_HEADS} heads x {HEAD_DIM}, seq_len {SEQ_LEN}, float32, {args.threads} threads, "
+          f"median of {args.reps} (ms; CPU ms of all threads in brackets)")
+    print(f"{'op':<20} {'batch':>5} {'forward':>18} {'forward+backward':>20} {'speedup fwd / f+b':>19}")
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        inputs = random_inputs(batch_size, seed=batch_size)
+        reference = None
+        for name, op in ops:
+            fwd = measure(forward(op, inputs), args.reps)
+            fwd_bwd = measure(forward_backward(op, inputs), args.reps)
+            reference = reference or (fwd[0], fwd_bwd[0])
+            print(
+                f"{name:<20} {batch_size:>5} {fwd[0]:>8.1f} [{fwd[1]:>7.1f}] {fwd_bwd[0]:>9.1f} [{fwd_bwd[1]:>8.1f}]"
+                f" {reference[0] / fwd[0]:>9.1f}x {reference[1] / fwd_bwd[0]:>7.1f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()
