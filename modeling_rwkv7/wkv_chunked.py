@@ -79,7 +79,8 @@ def wkv7_chunked(
         if initial_state is None:
             initial_state = log_decay.new_zeros(batch_size, num_heads, head_dim, head_dim)
         return r.new_zeros(r.shape), initial_state.to(log_decay.dtype, copy=True)
-    return _WKV7Chunked.apply(r, log_decay, k, v, a, b, initial_state, reset, chunk_size)
+    with torch.autocast(r.device.type, enabled=False):  # the triangular solves need float32 (no bf16 kernel)
+        return _WKV7Chunked.apply(r, log_decay, k, v, a, b, initial_state, reset, chunk_size)
 
 
 class _WKV7Chunked(torch.autograd.Function):
@@ -123,8 +124,8 @@ class _WKV7Chunked(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_final_state):
-        inputs = ctx.saved_tensors[:6]
-        reset, states = ctx.saved_tensors[6:]
+        saved = ctx.saved_tensors  # unpack once: activation checkpointing allows a single unpack
+        inputs, reset, states = saved[:6], saved[6], saved[7]
         batch_size, _, num_heads, head_dim = inputs[0].shape
         chunk_size, dtype = ctx.chunk_size, states.dtype
         heads = batch_size * num_heads

@@ -4,21 +4,23 @@
     python scripts/train.py --model models/rwkv7-tiny-default --data my_text.txt --method lora \\
         --output_dir out/lora --max_steps 200 --learning_rate 1e-3 --eval_strategy steps --eval_steps 50
 
-    # train from scratch on JSONL documents (`{"text": ...}` per line), bf16 autocast, resumable
+    # train from scratch on JSONL documents (`{"text": ...}` per line), bf16 autocast (on CPU: --bf16 --use_cpu),
+    # checkpoints every 100 steps, resumable with --resume_from_checkpoint last (or a checkpoint folder)
     python scripts/train.py --config my_config.json --config_overrides hidden_size=128,num_hidden_layers=4 \\
         --data train.jsonl --eval_data validation.jsonl --block_size 256 --bf16 --output_dir out/scratch \\
-        --save_steps 100 [--resume_from_checkpoint last]
+        --save_steps 100
 
     # the same on 2 CPU processes (DDP over gloo); `accelerate launch --cpu --num_processes 2` alone starts ONE
     # process (accelerate needs --mpirun_hostfile for that), so launch through torch.distributed instead:
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --use_cpu ...
 
 All `TrainingArguments` options are accepted as flags (`--learning_rate`, `--per_device_train_batch_size`,
-`--gradient_checkpointing`, `--bf16`, `--save_steps`, ...). Documents are tokenized with the RWKV World tokenizer,
+`--activation_checkpointing`, `--bf16`, `--save_steps`, ...). Documents are tokenized with the RWKV World tokenizer,
 each followed by the end-of-document token 0, and packed into rows of `--block_size` tokens. A row can hold
 several documents: `position_ids` restart at 0 where a document starts, and the model resets its state there, so
-no document sees another one. With `--method state` each row holds one document (padded), because every row
-starts from the tuned state. Evaluation reports `eval_loss` and `eval_perplexity`.
+no document sees another one (a document that overflows a row goes on in the next row, from a fresh state, as in
+any fixed-length training). With `--method state` each row holds one document (padded), because every row starts
+from the tuned state. Evaluation reports `eval_loss` and `eval_perplexity`.
 """
 
 import hashlib
@@ -157,7 +159,8 @@ def pack_documents(
             labels = [IGNORE_INDEX if p == 0 else t for t, p in zip(block_ids, block_positions)]
             rows["input_ids"].append(block_ids + [pad_token_id] * padding)
             # padding continues the positions, so it never reads as a document start
-            rows["position_ids"].append(block_positions + list(range(block_positions[-1] + 1, block_positions[-1] + 1 + padding)))
+            next_position = block_positions[-1] + 1
+            rows["position_ids"].append(block_positions + list(range(next_position, next_position + padding)))
             rows["attention_mask"].append([1] * len(block_ids) + [0] * padding)
             rows["labels"].append(labels + [IGNORE_INDEX] * padding)
 

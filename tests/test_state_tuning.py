@@ -79,12 +79,13 @@ def test_every_row_starts_from_the_state_given_to_the_model_as_a_cache():
             torch.testing.assert_close(batched[row : row + 1], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_the_state_only_and_match_finite_differences():
-    model = random_model(3).double()
+@pytest.mark.parametrize("wkv_backend, seq_len", [("recurrent", 6), ("chunked", 40)])
+def test_gradients_reach_the_state_only_and_match_finite_differences(wkv_backend, seq_len):
+    model = random_model(3, wkv_backend=wkv_backend).double()
     tuned = RWKV7StateTuning(model)
     with torch.no_grad():
         tuned.initial_state.normal_(0.0, 0.5)
-    x = tokens(2, 6, seed=5)
+    x = tokens(2, seq_len, seed=5)
     loss = tuned(input_ids=x, labels=x).loss
     loss.backward()
     assert all(p.grad is None for name, p in tuned.named_parameters() if name != "initial_state")

@@ -189,10 +189,11 @@ def test_training_from_scratch_with_bf16_autocast_and_activation_checkpointing(s
 # --- gradient checkpointing -------------------------------------------------------------------------------------
 
 
-def random_causal_lm(seed: int, vocab_size: int = 101) -> RWKV7ForCausalLM:
+def random_causal_lm(seed: int, vocab_size: int = 101, wkv_backend: str = "auto") -> RWKV7ForCausalLM:
     """A tiny model with random weights (the official init zeroes the output projections)."""
     torch.manual_seed(seed)
-    model = RWKV7ForCausalLM(RWKV7Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, head_dim=32))
+    config = RWKV7Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, head_dim=32, wkv_backend=wkv_backend)
+    model = RWKV7ForCausalLM(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" not in name:
@@ -222,11 +223,11 @@ def with_method(model, method: str):
 )
 def test_gradient_checkpointing_gives_the_same_gradients(method, use_reentrant, one_thread):
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 101, (3, 24), generator=generator)
+    input_ids = torch.randint(0, 101, (3, 40), generator=generator)  # 40 tokens: the chunked WKV form
     inputs = {"input_ids": input_ids, "labels": input_ids}
     if method != "state":  # packed rows and padding go through the checkpointed blocks too
-        inputs["position_ids"] = torch.tensor([list(range(10)) + list(range(14))] * 3)
-        inputs["attention_mask"] = torch.ones(3, 24, dtype=torch.long)
+        inputs["position_ids"] = torch.tensor([list(range(15)) + list(range(25))] * 3)
+        inputs["attention_mask"] = torch.ones(3, 40, dtype=torch.long)
         inputs["attention_mask"][1, :5] = 0
 
     gradients = []
@@ -271,13 +272,15 @@ def test_packing_marks_document_starts_and_pads_the_last_row():
     assert per_document["labels"] == [[-100, 6, 7], [-100, 9, -100], [-100, 11, 12], [13, -100, -100]]
 
 
-def test_a_packed_row_gives_each_document_the_losses_it_has_alone(one_thread):
-    model = random_causal_lm(seed=3).eval()
+@pytest.mark.parametrize("wkv_backend, lengths", [("recurrent", (8, 11)), ("chunked", (30, 41))])
+def test_a_packed_row_gives_each_document_the_losses_it_has_alone(one_thread, wkv_backend, lengths):
+    model = random_causal_lm(seed=3, wkv_backend=wkv_backend).eval()
     generator = torch.Generator().manual_seed(4)
-    first, second = (torch.randint(1, 101, (n,), generator=generator).tolist() + [0] for n in (8, 11))
-    rows = train.pack_documents([first, second], block_size=24)
+    first, second = (torch.randint(1, 101, (n,), generator=generator).tolist() + [0] for n in lengths)
+    block_size = sum(lengths) + 5
+    rows = train.pack_documents([first, second], block_size=block_size)
     batch = {key: torch.tensor(value) for key, value in rows.items()}
-    assert batch["input_ids"].shape == (1, 24)
+    assert batch["input_ids"].shape == (1, block_size)
 
     def token_losses(logits, labels):
         return F.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="none", ignore_index=-100)
