@@ -11,7 +11,6 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import modeling_rwkv7
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model, RWKV7Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +29,14 @@ def load_language_model(name: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or preset name (default: the shipped tiny model)")
-    parser.add_argument("--prompt", default="Once upon a time, there was a little")
+    parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
     model, origin = load_language_model(args.model)
     config = model.config
-    print(f"modeling_rwkv7 {getattr(modeling_rwkv7, '__version__', '')}: RWKV-7 ({origin})")
+    print(f"modeling_rwkv7: RWKV-7 ({origin})")
     print(
         f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads of {config.head_dim}, "
         f"vocab {config.vocab_size}: {config.param_count():,} parameters"
