@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from transformers.utils import logging
 
+from .configuration_rwkv7 import WKV_BACKENDS
+
 logger = logging.get_logger(__name__)
 
 
@@ -88,8 +90,8 @@ def select_wkv_backend(backend: str, seq_len: int, device: torch.device, kernel_
             return "kernel", module
     if backend == "chunked" or (backend == "auto" and seq_len >= CHUNKED_MIN_SEQ_LEN):
         return "chunked", None
-    if backend not in ("auto", "recurrent"):
-        raise ValueError(f"Unknown WKV backend {backend!r}; expected 'auto', 'recurrent', 'chunked' or 'kernel'.")
+    if backend not in WKV_BACKENDS:
+        raise ValueError(f"Unknown WKV backend {backend!r}; expected one of {WKV_BACKENDS}.")
     return ("step" if seq_len == 1 else "recurrent"), None
 
 
@@ -109,9 +111,7 @@ def wkv7(
     name, kernel = select_wkv_backend(backend, r.shape[1], r.device, kernel_repo)
     logger.info_once(f"RWKV-7 WKV: {name} implementation (wkv_backend={backend!r}, device {r.device.type})")
     if name == "kernel":
-        from .wkv_kernel import wkv7_kernel
-
-        return wkv7_kernel(kernel, r, log_decay, k, v, a, b, initial_state, reset)
+        return kernel.wkv7(r, log_decay, k, v, a, b, initial_state, reset)
     if name == "chunked":
         from .wkv_chunked import wkv7_chunked
 

@@ -2,8 +2,8 @@
 
 `load_wkv_kernel` finds it: a local build (``local_path`` or the ``RWKV7_KERNEL_PATH`` environment variable: the
 kernel repository, its ``build/`` or a variant directory), else the Hub on CUDA machines. Every failure returns
-None with one logged line giving the reason, or raises with `required=True`. `wkv7_kernel` runs the loaded kernel
-with the contract of `wkv.py`.
+None with one logged line giving the reason, or raises with `required=True`. The loaded module's `wkv7(r, log_decay,
+k, v, a, b, initial_state, reset)` follows the contract of `wkv.py` and is differentiable (the kernel's backward op).
 """
 
 import json
@@ -99,20 +99,3 @@ def _hub_offline() -> bool:
 def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
-
-def wkv7_kernel(
-    kernel_module: ModuleType,
-    r: torch.Tensor,
-    log_decay: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    reset: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-7 through the loaded kernel, with the arguments and results of `wkv.wkv7_recurrent`: inputs
-    ``[batch, seq_len, num_heads, head_dim]`` (r, k, v, a, b in one dtype), ``initial_state [batch, num_heads,
-    head_dim, head_dim]`` or None, ``reset [batch, seq_len]`` bool or None. Returns ``(y in r's dtype, final_state
-    float32)``; differentiable in every tensor input (the kernel's backward op)."""
-    return kernel_module.wkv7(r, log_decay, k, v, a, b, initial_state, reset)

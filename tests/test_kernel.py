@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from modeling_rwkv7 import wkv_kernel
 from modeling_rwkv7.wkv import wkv7_recurrent
-from modeling_rwkv7.wkv_kernel import load_wkv_kernel, wkv7_kernel
+from modeling_rwkv7.wkv_kernel import load_wkv_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
@@ -259,7 +259,7 @@ def test_wkv7_kernel_follows_the_reference_contract(kernel, fresh_loader):
     r, log_decay, k, v, a, b, state, reset = wkv_inputs(2, 23, 2, 32, seed=51, reset_rate=0.2)
     for initial_state in (state, None):
         expected = wkv7_recurrent(r, log_decay, k, v, a, b, initial_state, reset)
-        actual = wkv7_kernel(module, r, log_decay, k, v, a, b, initial_state=initial_state, reset=reset)
+        actual = module.wkv7(r, log_decay, k, v, a, b, initial_state, reset)
         assert_close(actual[0], expected[0], 1e-5, "y")
         assert_close(actual[1], expected[1], 1e-5, "final_state")
 
