@@ -52,7 +52,7 @@ def wkv7_recurrent(
         if keep is not None:
             state = state * keep[:, t, None, None, None]
         state = wkv7_step(decay[:, t], k[:, t], v[:, t], a[:, t], b[:, t], state)
-        outputs.append(torch.einsum("bhij,bhj->bhi", state, r[:, t]))
+        outputs.append(torch.linalg.vecdot(state, r[:, t, :, None, :]))
     y = torch.stack(outputs, dim=1) if outputs else r.new_zeros(r.shape)
     return y.to(output_dtype), state
 
@@ -67,8 +67,9 @@ def wkv7_step(
 ) -> torch.Tensor:
     """One token's state update: inputs ``[batch, num_heads, head_dim]`` float32 (``decay``, not its log), ``state``
     ``[batch, num_heads, value, key]``. Returns the new state (not in place); the output is ``state @ r``."""
-    state_a = torch.einsum("bhij,bhj->bhi", state, a)
-    return state * decay[:, :, None, :] + state_a[..., :, None] * b[..., None, :] + v[..., :, None] * k[..., None, :]
+    state_a = torch.linalg.vecdot(state, a[:, :, None, :])
+    new_state = state * decay[:, :, None, :]
+    return new_state.addcmul_(state_a[..., :, None], b[..., None, :]).addcmul_(v[..., :, None], k[..., None, :])
 
 
 # Below this length the per-token loop beats the chunked form's fixed cost (measured with scripts/bench_wkv_op.py).
