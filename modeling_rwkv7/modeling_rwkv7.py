@@ -43,12 +43,12 @@ class RWKV7Linear(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         rows = hidden_states.numel() // self.in_features
         blocks = math.gcd(self.out_features, 64)
-        weight = self.weight
         few_rows_on_cpu = hidden_states.device.type == "cpu" and 0 < rows <= GEMV_MAX_ROWS
-        if not few_rows_on_cpu or blocks == 1 or not weight.is_contiguous():
+        if not few_rows_on_cpu or blocks == 1 or not self.weight.is_contiguous():
             return super().forward(hidden_states)
-        columns = hidden_states.reshape(rows, self.in_features).t().expand(blocks, self.in_features, rows)
-        output = torch.bmm(weight.view(blocks, self.out_features // blocks, self.in_features), columns)
+        weight_blocks = self.weight.view(blocks, self.out_features // blocks, self.in_features)
+        columns = hidden_states.reshape(rows, self.in_features).t().expand(blocks, -1, -1)
+        output = torch.bmm(weight_blocks, columns)  # [blocks, out / blocks, rows]
         output = output.view(self.out_features, rows).t().reshape(*hidden_states.shape[:-1], self.out_features)
         return output if self.bias is None else output + self.bias
 
@@ -166,7 +166,7 @@ class RWKV7Attention(nn.Module):
         gate = self.g_lora(x_g)
 
         removal_key = F.normalize((key * self.k_k).view(heads_shape), dim=-1, p=2.0)
-        key = key * (1 + (learning_rate - 1) * self.k_a)
+        key = key * torch.addcmul(1 - self.k_a, learning_rate, self.k_a)  # key * (1 + (learning_rate - 1) * k_a)
         if self.layer_idx == 0:
             v_first = value
         else:
@@ -191,9 +191,10 @@ class RWKV7Attention(nn.Module):
             kernel_repo=self.config.kernel_repo,
         )
 
-        output = self.g_norm(output.reshape(batch_size * seq_len, hidden_size)).view(batch_size, seq_len, hidden_size)
-        bonus = (receptance * key).view(heads_shape).mul(self.r_k).sum(dim=-1, keepdim=True) * value.view(heads_shape)
-        output = self.o_proj((output + bonus.view_as(output)) * gate)
+        # per-head norm, plus the bonus: each head's value again, weighted by (r * k) . r_k
+        bonus = torch.linalg.vecdot((receptance * key).view(heads_shape), self.r_k)[..., None]
+        output = self.g_norm(output.reshape(batch_size * seq_len, hidden_size)).view(heads_shape)
+        output = self.o_proj(output.addcmul(value.view(heads_shape), bonus).view_as(gate) * gate)
         return output, v_first, shift_state, recurrent_state
 
 
