@@ -3,11 +3,13 @@
 Model: the RWKV-7 0.1B shape (12 layers, hidden 768, vocab 65536) with random weights at a trained model's scale,
 fp32, 2 threads. Cases: prefill 1x512 and 4x512 (all logits, and 1x512 keeping only the last logit), decode at
 batch 1 (ms/token after a 16-token prompt), training forward+backward 2x256 with labels (tokens/s, peak RSS).
-Each case runs in its own process (so peak RSS is per case); one warm-up, then `--reps` timed runs, median quoted.
+Each case runs in its own process (so peak RSS is per case): one warm-up, then `--reps` timed runs. The peers take
+turns: `--rounds` rounds, each running every peer once, so that a slow spell on a shared machine hits them alike;
+the median over all rounds' runs is quoted.
 Also measured: the machine's fp32 matmul GFLOP/s and copy bandwidth, giving the floors the ratios refer to.
 
     pip install -e ".[bench]"
-    python scripts/bench.py [--reps 3] [--peers ours,rwkv7_hf,rwkv_pip] [--out bench_results.json]
+    python scripts/bench.py [--rounds 3] [--reps 2] [--peers ours,rwkv7_hf,rwkv_pip] [--out bench_results.json]
 """
 
 import argparse
@@ -218,7 +220,8 @@ def throughput(case: str, seconds: float) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "rwkv7-bench"))
@@ -244,16 +247,22 @@ def main():
             raise RuntimeError(f"benchmark worker {job} failed:\n{done.stderr[-3000:]}")
         return json.loads(lines[-1][len("RESULT ") :])
 
-    ceilings = worker({"case": "ceilings", "reps": args.reps})
+    ceilings = worker({"case": "ceilings", "reps": 2 * args.reps + 1})
     floor = floors(ceilings)
     results = {}
     for case in cases:
+        for round_index in range(args.rounds):
+            for peer in peers:
+                if (peer, case) in UNSUPPORTED:
+                    continue
+                print(f"round {round_index + 1}/{args.rounds}: {peer:9s} {case} ...", file=sys.stderr, flush=True)
+                run = worker({"peer": peer, "case": case, "path": paths[peer], "reps": args.reps})
+                pooled = results.setdefault((case, peer), {"peer": peer, "case": case, "times": [], "peak_rss_mb": 0.0})
+                pooled["times"] += run["times"]
+                pooled["peak_rss_mb"] = max(pooled["peak_rss_mb"], run["peak_rss_mb"])
         for peer in peers:
-            if (peer, case) in UNSUPPORTED:
-                continue
-            print(f"running {peer:9s} {case} ...", file=sys.stderr, flush=True)
-            path = paths[peer] if peer != "rwkv_pip" else paths["rwkv_pip"]
-            results[(case, peer)] = worker({"peer": peer, "case": case, "path": path, "reps": args.reps})
+            if (case, peer) in results:
+                results[(case, peer)]["median"] = statistics.median(results[(case, peer)]["times"])
 
     print(f"\nmachine: fp32 matmul {ceilings['matmul_gflops']:.1f} GFLOP/s, copy {ceilings['copy_gbs']:.1f} GB/s, 2 threads")
     header = f"{'case':20s} {'peer':9s} {'median':>14s} {'x floor':>8s} {'ours faster by':>15s} {'peak RSS MB':>12s}"
