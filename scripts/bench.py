@@ -257,7 +257,9 @@ def main():
                     continue
                 print(f"round {round_index + 1}/{args.rounds}: {peer:9s} {case} ...", file=sys.stderr, flush=True)
                 run = worker({"peer": peer, "case": case, "path": paths[peer], "reps": args.reps})
-                pooled = results.setdefault((case, peer), {"peer": peer, "case": case, "times": [], "peak_rss_mb": 0.0})
+                pooled = results.setdefault(
+                    (case, peer), {"peer": peer, "case": case, "times": [], "peak_rss_mb": 0.0}
+                )
                 pooled["times"] += run["times"]
                 pooled["peak_rss_mb"] = max(pooled["peak_rss_mb"], run["peak_rss_mb"])
         for peer in peers:
