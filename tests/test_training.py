@@ -218,6 +218,24 @@ def with_method(model, method: str):
     return model
 
 
+def test_lora_adapted_model_decodes_token_by_token_like_a_full_pass():
+    """PEFT wraps our projections (`RWKV7Linear`) as LoRA base layers: the few-row CPU decoding path must keep the
+    adapters in, so stepping through a prompt gives the full pass's logits, which differ from the base model's."""
+    model = with_method(random_causal_lm(seed=4), "lora").eval()
+    input_ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(input_ids=input_ids).logits
+        cache, steps = None, []
+        for t in range(input_ids.shape[1]):
+            out = model(input_ids=input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        with model.disable_adapter():
+            base = model(input_ids=input_ids).logits
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4 * max(1.0, full.abs().max().item())
+    assert (base - full).abs().max().item() > 1e-2
+
+
 @pytest.mark.parametrize(
     "method, use_reentrant", [("full", None), ("full", True), ("lora", True), ("state", False), ("state", True)]
 )
