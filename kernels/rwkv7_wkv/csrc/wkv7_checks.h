@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,8 +74,23 @@ inline std::vector<int64_t> checkpoints_shape(const at::Tensor& r, int64_t chunk
   return {r.size(0), r.size(2), (r.size(1) + chunk - 1) / chunk, head_dim, head_dim};
 }
 
-inline void check_backward_inputs(const char* op, const at::Tensor& r, const at::Tensor& checkpoints,
-                                  const at::Tensor& dy, int64_t chunk) {
+// Every argument of the forward op, on either device.
+inline void check_forward_inputs(const char* op, const at::Tensor& r, const at::Tensor& log_decay, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+                                 const std::optional<at::Tensor>& initial_state,
+                                 const std::optional<at::Tensor>& reset) {
+  check_token_inputs(op, r, log_decay, k, v, a, b, 4);
+  if (initial_state) check_state(op, "initial_state", *initial_state, r);
+  if (reset) check_reset(op, *reset, r);
+}
+
+// Every argument of the backward op, on either device.
+inline void check_backward_inputs(const char* op, const at::Tensor& r, const at::Tensor& log_decay,
+                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& a, const at::Tensor& b,
+                                  const std::optional<at::Tensor>& reset, const at::Tensor& checkpoints,
+                                  const at::Tensor& dy, const std::optional<at::Tensor>& dfinal_state, int64_t chunk) {
+  check_token_inputs(op, r, log_decay, k, v, a, b, 4);
+  if (reset) check_reset(op, *reset, r);
   const auto expected = checkpoints_shape(r, chunk);
   TORCH_CHECK(checkpoints.sizes() == at::IntArrayRef(expected), op, ": checkpoints has shape ", checkpoints.sizes(),
               ", expected ", at::IntArrayRef(expected), " (from forward with save_checkpoints=True)");
@@ -86,6 +102,7 @@ inline void check_backward_inputs(const char* op, const at::Tensor& r, const at:
   TORCH_CHECK(dy.scalar_type() == r.scalar_type(), op, ": dy has dtype ", dy.scalar_type(), ", expected ",
               r.scalar_type(), " (the dtype of r)");
   check_same_device(op, "dy", dy, r);
+  if (dfinal_state) check_state(op, "dfinal_state", *dfinal_state, r);
 }
 
 }  // namespace wkv7

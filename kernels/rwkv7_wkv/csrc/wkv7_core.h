@@ -108,12 +108,12 @@ WKV7_HD int64_t num_chunks(int64_t seq_len) { return (seq_len + kChunk - 1) / kC
 // ---------------------------------------------------------------------------------------------------------------
 // Shared-memory layouts (in floats). Staged inputs are [vector][step in chunk][N].
 
-enum ForwardVector { kFwdR, kFwdW, kFwdK, kFwdV, kFwdA, kFwdB, kFwdVectors };
-enum BackwardVector { kBwdR, kBwdW, kBwdK, kBwdV, kBwdA, kBwdB, kBwdDy, kBwdVectors };
+enum TokenVector { kR, kW, kK, kV, kA, kB, kTokenVectors };  // r, decay, k, v, a, b: staged by both passes
+enum BackwardVector { kDy = kTokenVectors, kBwdVectors };    // the backward also stages dL/dy
 
 template <int N>
 constexpr int forward_smem_floats() {
-  return kFwdVectors * kChunk * N + kChunk;  // staged inputs, reset flags
+  return kTokenVectors * kChunk * N + kChunk;  // staged inputs, reset flags
 }
 
 template <int N>
@@ -181,6 +181,20 @@ WKV7_HD void stage_decay(float* staged, const float* log_decay, int64_t first, i
   for (int s = 0; s < len; ++s) staged[s * N + n] = expf(log_decay[first + s * step_stride + n]);
 }
 
+// Thread n's share of staging one chunk of `len` tokens: element n of r, decay, k, v, a, b into their
+// TokenVector slots, and the reset flag of step n (`token` is the chunk's first token in the [batch, seq_len] mask).
+template <int N, class Args>
+WKV7_HD void stage_chunk(float* staged, float* reset_flags, const Args& args, int64_t token, int64_t first,
+                         int64_t step_stride, int len, int n) {
+  stage_vector<N>(staged + kR * kChunk * N, args.r, first, step_stride, len, n);
+  stage_decay<N>(staged + kW * kChunk * N, args.log_decay, first, step_stride, len, n);
+  stage_vector<N>(staged + kK * kChunk * N, args.k, first, step_stride, len, n);
+  stage_vector<N>(staged + kV * kChunk * N, args.v, first, step_stride, len, n);
+  stage_vector<N>(staged + kA * kChunk * N, args.a, first, step_stride, len, n);
+  stage_vector<N>(staged + kB * kChunk * N, args.b, first, step_stride, len, n);
+  if (n < len) reset_flags[n] = (args.reset != nullptr && args.reset[token + n]) ? 1.f : 0.f;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: y, final state and (optionally) the chunk checkpoints of one (batch, head).
 
@@ -192,7 +206,7 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
   const int64_t step_stride = args.num_heads * N;
   const int64_t token0 = (batch * seq_len * args.num_heads + bh % args.num_heads) * N;
   const int64_t chunks = num_chunks(seq_len);
-  float* reset_flags = smem + kFwdVectors * kChunk * N;
+  float* reset_flags = smem + kTokenVectors * kChunk * N;
 
   block.each_thread([&](int n, ForwardThread<N>& thread) {
     if (args.initial_state == nullptr) {
@@ -211,13 +225,7 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
 
     block.sync();  // the previous chunk is done with shared memory
     block.each_thread([&](int n, ForwardThread<N>&) {
-      stage_vector<N>(smem + kFwdR * kChunk * N, args.r, first, step_stride, len, n);
-      stage_decay<N>(smem + kFwdW * kChunk * N, args.log_decay, first, step_stride, len, n);
-      stage_vector<N>(smem + kFwdK * kChunk * N, args.k, first, step_stride, len, n);
-      stage_vector<N>(smem + kFwdV * kChunk * N, args.v, first, step_stride, len, n);
-      stage_vector<N>(smem + kFwdA * kChunk * N, args.a, first, step_stride, len, n);
-      stage_vector<N>(smem + kFwdB * kChunk * N, args.b, first, step_stride, len, n);
-      if (n < len) reset_flags[n] = (args.reset != nullptr && args.reset[batch * seq_len + t0 + n]) ? 1.f : 0.f;
+      stage_chunk<N>(smem, reset_flags, args, batch * seq_len + t0, first, step_stride, len, n);
     });
     block.sync();
     block.each_thread([&](int n, ForwardThread<N>& thread) {
@@ -227,12 +235,12 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
         for (int j = 0; j < N; ++j) checkpoint[j * N + n] = thread.state[j];
       }
       for (int s = 0; s < len; ++s) {
-        const float* r = smem + (kFwdR * kChunk + s) * N;
-        const float* w = smem + (kFwdW * kChunk + s) * N;
-        const float* k = smem + (kFwdK * kChunk + s) * N;
-        const float* a = smem + (kFwdA * kChunk + s) * N;
-        const float* b = smem + (kFwdB * kChunk + s) * N;
-        const float v = smem[(kFwdV * kChunk + s) * N + n];
+        const float* r = smem + (kR * kChunk + s) * N;
+        const float* w = smem + (kW * kChunk + s) * N;
+        const float* k = smem + (kK * kChunk + s) * N;
+        const float* a = smem + (kA * kChunk + s) * N;
+        const float* b = smem + (kB * kChunk + s) * N;
+        const float v = smem[(kV * kChunk + s) * N + n];
         if (reset_flags[s] != 0.f) fill_zero<N>(thread.state);
         const float sa = dot<N>(thread.state, a);
         float y[4] = {0.f, 0.f, 0.f, 0.f};
@@ -266,10 +274,10 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
 // Adds dy_s r_s^T to G (both orientations), then writes dv_s and (G_s b_s)[n].
 template <int N, class T>
 WKV7_HD void add_output_gradient(BackwardThread<N>& thread, const float* staged, float* dsb_buf, T* dv, int s, int n) {
-  const float* r = staged + (kBwdR * kChunk + s) * N;
-  const float* k = staged + (kBwdK * kChunk + s) * N;
-  const float* b = staged + (kBwdB * kChunk + s) * N;
-  const float* dy = staged + (kBwdDy * kChunk + s) * N;
+  const float* r = staged + (kR * kChunk + s) * N;
+  const float* k = staged + (kK * kChunk + s) * N;
+  const float* b = staged + (kB * kChunk + s) * N;
+  const float* dy = staged + (kDy * kChunk + s) * N;
   const float dy_n = dy[n], r_n = r[n];
   WKV7_UNROLL
   for (int j = 0; j < N; ++j) {
@@ -296,16 +304,16 @@ WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, 
   bool replay_zero[Replay + 1];  // a reset before the next step
   WKV7_UNROLL
   for (int q = 0; q < Replay; ++q) {
-    replay_w[q] = staged[(kBwdW * kChunk + kept + q) * N + n];
-    replay_b[q] = staged[(kBwdB * kChunk + kept + q) * N + n];
-    replay_k[q] = staged[(kBwdK * kChunk + kept + q) * N + n];
+    replay_w[q] = staged[(kW * kChunk + kept + q) * N + n];
+    replay_b[q] = staged[(kB * kChunk + kept + q) * N + n];
+    replay_k[q] = staged[(kK * kChunk + kept + q) * N + n];
     replay_zero[q] = reset_flags[kept + q + 1] != 0.f;
   }
-  const float* v = staged + (kBwdV * kChunk + s) * N;
-  const float* dy = staged + (kBwdDy * kChunk + s) * N;
+  const float* v = staged + (kV * kChunk + s) * N;
+  const float* dy = staged + (kDy * kChunk + s) * N;
   const float* sa = sa_buf + s * N;
-  const float w_n = staged[(kBwdW * kChunk + s) * N + n], k_n = staged[(kBwdK * kChunk + s) * N + n];
-  const float a_n = staged[(kBwdA * kChunk + s) * N + n], b_n = staged[(kBwdB * kChunk + s) * N + n];
+  const float w_n = staged[(kW * kChunk + s) * N + n], k_n = staged[(kK * kChunk + s) * N + n];
+  const float a_n = staged[(kA * kChunk + s) * N + n], b_n = staged[(kB * kChunk + s) * N + n];
   const bool reset_here = reset_flags[s] != 0.f;
 
   float dr[2] = {0.f, 0.f}, dk[2] = {0.f, 0.f}, db[2] = {0.f, 0.f}, dw[2] = {0.f, 0.f}, da[2] = {0.f, 0.f};
@@ -317,7 +325,7 @@ WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, 
       const int u = kept + q;
       prev = replay_zero[q] ? 0.f
                             : prev * replay_w[q] + (sa_buf[u * N + i] * replay_b[q] +
-                                                    staged[(kBwdV * kChunk + u) * N + i] * replay_k[q]);
+                                                    staged[(kV * kChunk + u) * N + i] * replay_k[q]);
     }
     const float grad = thread.grad_col[i];
     dr[i % 2] += (prev * w_n + (sa[i] * b_n + v[i] * k_n)) * dy[i];  // S_s = P_s diag(w) + sa b^T + v k^T
@@ -367,14 +375,8 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
 
     block.sync();  // the previous chunk is done with shared memory
     block.each_thread([&](int n, BackwardThread<N>&) {
-      stage_vector<N>(staged + kBwdR * kChunk * N, args.r, first, step_stride, len, n);
-      stage_decay<N>(staged + kBwdW * kChunk * N, args.log_decay, first, step_stride, len, n);
-      stage_vector<N>(staged + kBwdK * kChunk * N, args.k, first, step_stride, len, n);
-      stage_vector<N>(staged + kBwdV * kChunk * N, args.v, first, step_stride, len, n);
-      stage_vector<N>(staged + kBwdA * kChunk * N, args.a, first, step_stride, len, n);
-      stage_vector<N>(staged + kBwdB * kChunk * N, args.b, first, step_stride, len, n);
-      stage_vector<N>(staged + kBwdDy * kChunk * N, args.dy, first, step_stride, len, n);
-      if (n < len) reset_flags[n] = (args.reset != nullptr && args.reset[batch * seq_len + t0 + n]) ? 1.f : 0.f;
+      stage_chunk<N>(staged, reset_flags, args, batch * seq_len + t0, first, step_stride, len, n);
+      stage_vector<N>(staged + kDy * kChunk * N, args.dy, first, step_stride, len, n);
     });
     block.sync();
 
@@ -386,11 +388,11 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
       WKV7_UNROLL
       for (int j = 0; j < N; ++j) row[j] = checkpoint[j * N + n];
       for (int s = 0; s < len; ++s) {
-        const float* w = staged + (kBwdW * kChunk + s) * N;
-        const float* k = staged + (kBwdK * kChunk + s) * N;
-        const float* a = staged + (kBwdA * kChunk + s) * N;
-        const float* b = staged + (kBwdB * kChunk + s) * N;
-        const float v = staged[(kBwdV * kChunk + s) * N + n];
+        const float* w = staged + (kW * kChunk + s) * N;
+        const float* k = staged + (kK * kChunk + s) * N;
+        const float* a = staged + (kA * kChunk + s) * N;
+        const float* b = staged + (kB * kChunk + s) * N;
+        const float v = staged[(kV * kChunk + s) * N + n];
         if (reset_flags[s] != 0.f) fill_zero<N>(row);
         if (s % kSubChunk == 0) {
           float* kept = states + ((s / kSubChunk) * N + n) * kStride;
@@ -412,8 +414,8 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
 
     for (int s = len - 1; s >= 0; --s) {
       block.each_thread([&](int n, BackwardThread<N>& thread) {
-        const float* w = staged + (kBwdW * kChunk + s) * N;
-        const float* a = staged + (kBwdA * kChunk + s) * N;
+        const float* w = staged + (kW * kChunk + s) * N;
+        const float* a = staged + (kA * kChunk + s) * N;
         const float* dsb = dsb_buf + (s % 2) * N;  // written for step s, while step s - 1 writes the other half
         const bool reset_here = reset_flags[s] != 0.f;
         const float* kept_column = states + (s / kSubChunk) * N * kStride + n;

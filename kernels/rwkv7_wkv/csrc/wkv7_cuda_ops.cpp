@@ -30,9 +30,7 @@ Wkv7ForwardOutputs wkv7_forward_cuda(const at::Tensor& r, const at::Tensor& log_
                                      const std::optional<at::Tensor>& initial_state,
                                      const std::optional<at::Tensor>& reset, bool save_checkpoints) {
   const char* op = "rwkv7_wkv.forward";
-  wkv7::check_token_inputs(op, r, log_decay, k, v, a, b, 4);
-  if (initial_state) wkv7::check_state(op, "initial_state", *initial_state, r);
-  if (reset) wkv7::check_reset(op, *reset, r);
+  wkv7::check_forward_inputs(op, r, log_decay, k, v, a, b, initial_state, reset);
   const c10::cuda::CUDAGuard device_guard(r.device());
   const int64_t batch = r.size(0), seq_len = r.size(1), heads = r.size(2), head_dim = r.size(3);
 
@@ -60,10 +58,7 @@ Wkv7BackwardOutputs wkv7_backward_cuda(const at::Tensor& r, const at::Tensor& lo
                                        const std::optional<at::Tensor>& reset, const at::Tensor& checkpoints,
                                        const at::Tensor& dy, const std::optional<at::Tensor>& dfinal_state) {
   const char* op = "rwkv7_wkv.backward";
-  wkv7::check_token_inputs(op, r, log_decay, k, v, a, b, 4);
-  if (reset) wkv7::check_reset(op, *reset, r);
-  wkv7::check_backward_inputs(op, r, checkpoints, dy, wkv7::kChunk);
-  if (dfinal_state) wkv7::check_state(op, "dfinal_state", *dfinal_state, r);
+  wkv7::check_backward_inputs(op, r, log_decay, k, v, a, b, reset, checkpoints, dy, dfinal_state, wkv7::kChunk);
   const c10::cuda::CUDAGuard device_guard(r.device());
   const int64_t batch = r.size(0), seq_len = r.size(1), heads = r.size(2), head_dim = r.size(3);
 
