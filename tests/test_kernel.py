@@ -2,6 +2,7 @@
 loaded through the `kernels` library; its ops against the reference recurrence; the loader's fallbacks; the CUDA
 sources compiled with nvcc for sm_80 and sm_90."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modeling_rwkv7 import wkv_kernel
 from modeling_rwkv7.wkv import wkv7_recurrent
@@ -55,22 +55,21 @@ def kernel(cpu_variant):
     return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
 
 
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("rwkv7_gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_gpu_check()
+
+
 def wkv_inputs(batch, seq_len, heads, head_dim, seed, dtype=torch.float32, reset_rate=0.0, with_state=True):
-    """Random inputs at RWKV-7's scale: decay in [exp(-0.61), 1) plus some much faster ones, a = -kappa_hat,
-    b = kappa_hat * iclr, an initial state and a reset mask."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, seq_len, heads, head_dim)
-    r = torch.randn(shape, generator=g)
-    log_decay = -0.6065306597 * torch.sigmoid(torch.randn(shape, generator=g) * 2)
-    log_decay = torch.where(torch.rand(shape, generator=g) < 0.1, log_decay * 8, log_decay)
-    k = torch.randn(shape, generator=g) * 0.5
-    v = torch.randn(shape, generator=g)
-    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
-    a, b = -kappa, kappa * torch.rand(shape, generator=g)
-    state = torch.randn(batch, heads, head_dim, head_dim, generator=g) * 0.3 if with_state else None
-    reset = torch.rand(batch, seq_len, generator=g) < reset_rate if reset_rate else None
-    r, k, v, a, b = (x.to(dtype) for x in (r, k, v, a, b))
-    return r, log_decay, k, v, a, b, state, reset
+    """`scripts/gpu_check.py`'s random inputs at RWKV-7's scale, on CPU; the initial state dropped unless
+    `with_state`."""
+    *inputs, state, reset = gpu_check.random_inputs(batch, seq_len, heads, head_dim, dtype, "cpu", seed, reset_rate)
+    return (*inputs, state if with_state else None, reset)
 
 
 def assert_close(actual, expected, rtol, name=""):
