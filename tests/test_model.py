@@ -294,7 +294,7 @@ def test_logits_to_keep_skips_the_head_for_other_positions(converted_model):
 def test_projection_of_few_rows_equals_nn_linear(out_features, shape, bias):
     """`RWKV7Linear` computes up to GEMV_MAX_ROWS rows on CPU as a batched product over weight row blocks; the
     values and the gradients are nn.Linear's (odd widths and longer inputs take nn.Linear's own path)."""
-    from modeling_rwkv7.modeling_rwkv7 import RWKV7Linear
+    from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
 
     generator = torch.Generator().manual_seed(out_features + 10 * sum(shape))
     projection = RWKV7Linear(64, out_features, bias=bias)
