@@ -37,12 +37,38 @@ constexpr int kHeadSizes[] = {16, 32, 64};  // the head sizes (N) the kernels ar
 static_assert(kChunk % kSubChunk == 0, "a chunk must hold a whole number of sub-chunks");
 static_assert(kSubChunk == 4, "backward_block dispatches column_step for 0 to 3 replayed steps");
 
-// Float conversion of an input element type; the CUDA source specialises it for __half and __nv_bfloat16.
+// Float conversion of an input element type: float itself, and CUDA's __half and __nv_bfloat16 (round to nearest
+// even) in the CUDA build, or on the host where WKV7_HOST_HALF_TYPES is defined (the thread-sanitizer harness).
 template <class T>
 struct Convert {
   WKV7_HD static float to_float(T x) { return static_cast<float>(x); }
   WKV7_HD static T from_float(float x) { return static_cast<T>(x); }
 };
+
+}  // namespace wkv7
+
+#if defined(__CUDACC__) || defined(WKV7_HOST_HALF_TYPES)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace wkv7 {
+
+template <>
+struct Convert<__half> {
+  WKV7_HD static float to_float(__half x) { return __half2float(x); }
+  WKV7_HD static __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Convert<__nv_bfloat16> {
+  WKV7_HD static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  WKV7_HD static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+}  // namespace wkv7
+#endif
+
+namespace wkv7 {
 
 // Pointers of one forward call. Inputs and y are [batch, seq_len, heads, N] contiguous, log_decay float32.
 // T = void gives the type-erased form used across the C++/CUDA boundary.

@@ -1,22 +1,7 @@
 // WKV-7 CUDA kernels: one block per (batch, head), one thread per state row (see wkv7_core.h).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "wkv7_cuda.h"
 
 namespace wkv7 {
-
-template <>
-struct Convert<__half> {
-  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
-  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
-};
-
-template <>
-struct Convert<__nv_bfloat16> {
-  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-};
 
 // The block program's view of one CUDA thread.
 template <class State>

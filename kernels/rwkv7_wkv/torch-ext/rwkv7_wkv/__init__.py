@@ -78,27 +78,27 @@ class _WKV7(torch.autograd.Function):
         return dr, dlog_decay, dk, dv, da, db, dinitial_state if ctx.has_initial_state else None, None
 
 
-# Shapes for torch.compile / meta tensors.
+# Shapes for torch.compile / meta tensors: contiguous, like the ops' outputs whatever the inputs' strides.
 @torch.library.register_fake(add_op_namespace_prefix("forward"))
 def _forward_fake(r, log_decay, k, v, a, b, initial_state, reset, save_checkpoints):
     batch, seq_len, num_heads, head_dim = r.shape
     num_checkpoints = (seq_len + CHECKPOINT_INTERVAL - 1) // CHECKPOINT_INTERVAL
     final_state = r.new_empty(batch, num_heads, head_dim, head_dim, dtype=torch.float32)
     checkpoint_shape = (batch, num_heads, num_checkpoints, head_dim, head_dim) if save_checkpoints else (0,)
-    return torch.empty_like(r), final_state, r.new_empty(checkpoint_shape, dtype=torch.float32)
+    return r.new_empty(r.shape), final_state, r.new_empty(checkpoint_shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("backward"))
 def _backward_fake(r, log_decay, k, v, a, b, reset, checkpoints, dy, dfinal_state):
     batch, _, num_heads, head_dim = r.shape
-    input_grads = [torch.empty_like(r) for _ in range(6)]
-    input_grads[1] = torch.empty_like(log_decay)
+    input_grads = [r.new_empty(r.shape) for _ in range(6)]
+    input_grads[1] = log_decay.new_empty(log_decay.shape)
     return (*input_grads, r.new_empty(batch, num_heads, head_dim, head_dim, dtype=torch.float32))
 
 
 @torch.library.register_fake(add_op_namespace_prefix("decode_step"))
 def _decode_step_fake(r, log_decay, k, v, a, b, state):
-    return torch.empty_like(r)
+    return r.new_empty(r.shape)
 
 
 __all__ = ["CHECKPOINT_INTERVAL", "HEAD_SIZES", "ops", "wkv7", "wkv7_decode_step"]

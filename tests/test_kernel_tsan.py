@@ -1,0 +1,244 @@
+"""Issue 13: the CUDA block programs of kernels/rwkv7_wkv/csrc/wkv7_core.h race-checked without a GPU.
+
+tests/tsan/wkv7_tsan.cpp runs every block on one std::thread per CUDA thread with a real barrier for sync() and
+NaN-filled shared memory, built with -fsanitize=thread; its float16 and bfloat16 paths use CUDA's own conversions
+on the host. Here: the threaded forward, backward and decoding equal the serial run bitwise (the harness checks),
+match the reference recurrence and its autograd gradients, and equal the built CPU variant bitwise; leaving out
+one required barrier makes TSAN report a race. Also torch.library.opcheck on the three ops of the CPU variant.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_rwkv7.wkv import wkv7_recurrent
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
+HARNESS = Path(__file__).resolve().parent / "tsan" / "wkv7_tsan.cpp"
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TSAN_OPTIONS = "halt_on_error=0 exitcode=66 report_signal_unsafe=0"
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"rwkv7_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_script("gpu_check")
+
+
+def cuda_include_dir() -> Path:
+    """The CUDA toolkit's include directory (cuda_fp16.h, cuda_bf16.h), from CUDA_HOME or the nvcc on PATH."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+        candidates += re.findall(r"(/\S+)/bin/nvcc", Path(nvcc).read_bytes()[:4096].decode(errors="ignore"))
+    candidates.append("/usr/local/cuda")
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "include" / "cuda_bf16.h").exists():
+            return Path(candidate) / "include"
+    raise AssertionError(f"no CUDA toolkit headers (cuda_bf16.h) under {[c for c in candidates if c]}; set CUDA_HOME")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    """tests/tsan/wkv7_tsan.cpp built with g++ -fsanitize=thread."""
+    binary = tmp_path_factory.mktemp("tsan") / "wkv7_tsan"
+    command = ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-Wall", "-Werror",
+               "-DWKV7_HOST_HALF_TYPES", f"-I{KERNEL_DIR / 'csrc'}", f"-I{cuda_include_dir()}", str(HARNESS),
+               "-o", str(binary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
+    return binary
+
+
+def make_problem(head_dim, dtype, batch, seq_len, heads, seed, reset_rate, with_state, with_dfinal):
+    """RWKV-7-scale inputs (gpu_check.random_inputs) rounded to `dtype`, dy and d(final state)."""
+    r, log_decay, k, v, a, b, state, reset = gpu_check.random_inputs(batch, seq_len, heads, head_dim, DTYPES[dtype],
+                                                                     "cpu", seed, reset_rate)
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(r.shape, generator=g).to(DTYPES[dtype])
+    dfinal = torch.randn(state.shape, generator=g) * 0.1
+    return dict(head_dim=head_dim, dtype=dtype, inputs=(r, log_decay, k, v, a, b), dy=dy,
+                state=state if with_state else None, reset=reset, dfinal=dfinal if with_dfinal else None)
+
+
+def run_harness(harness, tmp_path, problem, skip_sync=None):
+    """Runs the harness on `problem`; returns (process, outputs by name or None)."""
+    r, log_decay, k, v, a, b = problem["inputs"]
+    batch, seq_len, heads, n = r.shape
+    state_shape = (batch, heads, n, n)
+    reset = problem["reset"]
+    parts = [x.float() for x in (r, log_decay, k, v, a, b, problem["dy"])]
+    parts += [torch.zeros(state_shape) if x is None else x for x in (problem["state"], problem["dfinal"])]
+    parts.append(torch.zeros(batch, seq_len) if reset is None else reset.float())
+    (tmp_path / "in.bin").write_bytes(b"".join(x.contiguous().numpy().tobytes() for x in parts))
+    flags = (problem["state"] is not None) | (reset is not None) << 1 | (problem["dfinal"] is not None) << 2
+    env = {**os.environ, "TSAN_OPTIONS": TSAN_OPTIONS}
+    if skip_sync is not None:
+        env["WKV7_SKIP_SYNC"] = str(skip_sync)
+    args = [str(harness), str(n), problem["dtype"], str(batch), str(seq_len), str(heads), str(flags),
+            str(tmp_path / "in.bin"), str(tmp_path / "out.bin")]
+    process = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    if process.returncode != 0:
+        return process, None
+    values = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32)
+    token_shape, chunks = tuple(r.shape), (seq_len + 15) // 16
+    shapes = {"y": token_shape, "final_state": state_shape, "checkpoints": (batch, heads, chunks, n, n),
+              "dr": token_shape, "dlog_decay": token_shape, "dk": token_shape, "dv": token_shape, "da": token_shape,
+              "db": token_shape, "dinitial_state": state_shape, "decode_y": token_shape, "decode_state": state_shape}
+    outputs, offset = {}, 0
+    for name, shape in shapes.items():
+        size = torch.Size(shape).numel()
+        outputs[name] = values[offset : offset + size].reshape(shape)
+        offset += size
+    assert offset == values.numel(), f"harness wrote {values.numel()} floats, expected {offset}"
+    return process, outputs
+
+
+def assert_no_race(process):
+    assert "ThreadSanitizer" not in process.stderr, process.stderr[-6000:]
+    assert process.returncode == 0, f"harness exited {process.returncode}:\n{process.stdout}\n{process.stderr[-6000:]}"
+    equal = [line for line in process.stdout.splitlines() if line.startswith("equal:")]
+    assert len(equal) == 14 and "DIFFERENT" not in process.stdout, process.stdout
+
+
+def assert_close(actual, expected, rtol, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert error <= rtol * max(scale, 1e-6), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+CASES = {
+    # head_dim, dtype, batch, seq_len, heads, seed, reset_rate, with_state, with_dfinal
+    "n16-f32-ragged-resets-state": (16, "f32", 2, 37, 2, 1, 0.2, True, True),
+    "n32-bf16-resets-state": (32, "bf16", 1, 21, 1, 2, 0.25, True, False),
+    "n64-f16-no-state": (64, "f16", 1, 18, 1, 3, 0.0, False, True),
+    "n16-f32-one-token": (16, "f32", 1, 1, 3, 4, 0.0, True, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_threaded_blocks_equal_serial_and_match_the_reference(harness, tmp_path, case):
+    problem = make_problem(*case)
+    process, out = run_harness(harness, tmp_path, problem)
+    assert_no_race(process)
+
+    r, log_decay, k, v, a, b = (x.float().requires_grad_() for x in problem["inputs"])
+    initial = problem["state"] if problem["state"] is not None else torch.zeros_like(out["final_state"])
+    state = initial.clone().requires_grad_()  # zeros stand for "no initial state"
+    y, final_state = wkv7_recurrent(r, log_decay, k, v, a, b, state, problem["reset"])
+    rtol = 1e-4 if problem["dtype"] == "f32" else 1e-2  # outputs rounded to the input dtype
+    assert_close(out["y"], y, rtol, "y")
+    assert_close(out["final_state"], final_state, 1e-4, "final_state")
+    loss = (y * problem["dy"].float()).sum()
+    if problem["dfinal"] is not None:
+        loss = loss + (final_state * problem["dfinal"]).sum()
+    grads = torch.autograd.grad(loss, [r, log_decay, k, v, a, b, state])
+    for name, grad in zip(("dr", "dlog_decay", "dk", "dv", "da", "db", "dinitial_state"), grads):
+        assert_close(out[name], grad, 1e-4 if name in ("dlog_decay", "dinitial_state") else rtol, name)
+    # the checkpoints hold the state entering each chunk of 16 tokens (before that token's reset), key-major
+    for chunk in range(out["checkpoints"].shape[2]):
+        start = 16 * chunk
+        inputs = [x[:, :start].detach() for x in (r, log_decay, k, v, a, b)]
+        reset = None if problem["reset"] is None else problem["reset"][:, :start]
+        entering = wkv7_recurrent(*inputs, initial, reset)[1]
+        assert_close(out["checkpoints"][:, :, chunk].transpose(-1, -2), entering, 1e-4, f"checkpoint {chunk}")
+
+
+# Each entry leaves out one barrier the programs need, named by program and the index of the sync() call in a run of
+# it (seq_len 20: chunks of 16 and 4 tokens; the backward walks the last chunk first):
+REQUIRED_BARRIERS = {
+    "forward:1": "after staging the first chunk",
+    "forward:2": "before staging the second chunk (the first one's steps still read shared memory)",
+    "decode:1": "after staging the token",
+    "backward:1": "after staging the last chunk",
+    "backward:3": "after the first output gradient (dsb_buf) of the chunk",
+    "backward:4": "after the chunk's last step (its G b in dsb_buf)",
+    "backward:9": "after staging the first chunk",
+}
+
+
+@pytest.mark.parametrize("skip", REQUIRED_BARRIERS, ids=REQUIRED_BARRIERS.keys())
+def test_leaving_out_a_required_barrier_is_reported_as_a_race(harness, tmp_path, skip):
+    problem = make_problem(16, "f32", 1, 20, 1, 5, 0.0, True, True)
+    process, _ = run_harness(harness, tmp_path, problem, skip_sync=skip)
+    assert "WARNING: ThreadSanitizer: data race" in process.stderr, (skip, process.stdout, process.stderr[-3000:])
+    assert process.returncode == 66, (skip, process.returncode)
+
+
+# --- the harness against the built CPU variant, and opcheck of its ops -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The CPU variant, built (or found up to date) by scripts/build_kernel.py and loaded through `kernels`."""
+    import kernels
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_kernel.py")], capture_output=True,
+                            text=True, env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")})
+    assert result.returncode == 0, f"build_kernel.py failed:\n{result.stdout}\n{result.stderr}"
+    return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
+
+
+@pytest.mark.parametrize("case", ["n16-f32-ragged-resets-state", "n32-bf16-resets-state"])
+def test_threaded_blocks_equal_the_cpu_variant_bitwise(harness, kernel, tmp_path, case):
+    problem = make_problem(*CASES[case])
+    process, out = run_harness(harness, tmp_path, problem)
+    assert_no_race(process)
+    inputs, state, reset = problem["inputs"], problem["state"], problem["reset"]
+    y, final_state, checkpoints = kernel.ops.forward(*inputs, state, reset, True)
+    grads = kernel.ops.backward(*inputs, reset, checkpoints, problem["dy"], problem["dfinal"])
+    decode_state = state.clone()
+    decode_y = []
+    for t in range(y.shape[1]):
+        if reset is not None:
+            decode_state[reset[:, t]] = 0.0
+        decode_y.append(kernel.ops.decode_step(*(x[:, t] for x in inputs), decode_state))
+    expected = {"y": y, "final_state": final_state, "checkpoints": checkpoints, "decode_y": torch.stack(decode_y, 1),
+                "decode_state": decode_state}
+    expected.update(zip(("dr", "dlog_decay", "dk", "dv", "da", "db", "dinitial_state"), grads))
+    for name, value in expected.items():
+        assert torch.equal(out[name], value.float()), f"{name}: the harness and the CPU variant differ"
+
+
+def test_opcheck_forward_backward_decode(kernel):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) on the three ops, with
+    inputs that are not contiguous; the fake outputs are contiguous like the real ones."""
+    r, log_decay, k, v, a, b, state, reset = gpu_check.random_inputs(2, 19, 3, 16, torch.float32, "cpu", 7, 0.2)
+    # [batch, heads, seq_len, head_dim] storage seen as [batch, seq_len, heads, head_dim]
+    r, log_decay, k, v, a, b = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (r, log_decay, k, v, a, b))
+    assert not r.is_contiguous()
+    torch.library.opcheck(kernel.ops.forward, (r, log_decay, k, v, a, b, state, reset, True))
+    torch.library.opcheck(kernel.ops.forward, (r, log_decay, k, v, a, b, None, None, False))
+    _, _, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, state, reset, True)
+    dy, dfinal = torch.randn_like(r), torch.randn_like(state)
+    torch.library.opcheck(kernel.ops.backward, (r, log_decay, k, v, a, b, reset, checkpoints, dy, dfinal))
+    torch.library.opcheck(kernel.ops.backward, (r, log_decay, k, v, a, b, None, checkpoints, dy, None))
+    token = [x[:, 0] for x in (r, log_decay, k, v, a, b)]
+    torch.library.opcheck(kernel.ops.decode_step, (*token, state.clone()))
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in (r, log_decay, k, v, a, b, state, reset, checkpoints, dy, dfinal)]
+        forward_out = kernel.ops.forward(*fake[:8], True)
+        backward_out = kernel.ops.backward(*fake[:6], fake[7], fake[8], fake[9], fake[10])
+        decode_out = kernel.ops.decode_step(*(x[:, 0] for x in fake[:6]), fake[6])
+    for name, x in [("forward", t) for t in forward_out] + [("backward", t) for t in backward_out] + [
+        ("decode_step", decode_out)
+    ]:
+        assert x.is_contiguous(), f"{name}: fake output of shape {tuple(x.shape)} has strides {x.stride()}"
