@@ -288,34 +288,6 @@ def test_logits_to_keep_skips_the_head_for_other_positions(converted_model):
     torch.testing.assert_close(picked, full[:, [3, 7]], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("out_features", [768, 96, 6, 7])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 8), (1, 17)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_projection_of_few_rows_equals_nn_linear(out_features, shape, bias):
-    """`RWKV7Linear` computes up to GEMV_MAX_ROWS rows on CPU as a batched product over weight row blocks; the
-    values and the gradients are nn.Linear's (odd widths and longer inputs take nn.Linear's own path)."""
-    from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
-
-    generator = torch.Generator().manual_seed(out_features + 10 * sum(shape))
-    projection = RWKV7Linear(64, out_features, bias=bias)
-    with torch.no_grad():
-        projection.weight.copy_(torch.randn(out_features, 64, generator=generator))
-        if bias:
-            projection.bias.copy_(torch.randn(out_features, generator=generator))
-    inputs = torch.randn(*shape, 64, generator=generator, requires_grad=True)
-
-    output = projection(inputs)
-    expected = torch.nn.functional.linear(inputs, projection.weight, projection.bias)
-    assert output.shape == (*shape, out_features)
-    assert_close_scaled(output, expected, 1e-6)
-
-    grad_output = torch.randn(output.shape, generator=generator)
-    grads = torch.autograd.grad(output, (inputs, projection.weight), grad_output)
-    expected_grads = torch.autograd.grad(expected, (inputs, projection.weight), grad_output)
-    for grad, expected_grad in zip(grads, expected_grads):
-        assert_close_scaled(grad, expected_grad, 1e-6)
-
-
 def test_causal_lm_loss_matches_manual_cross_entropy(converted_model):
     tokens = torch.tensor([random_tokens(30, seed=6)])
     labels = tokens.clone()
