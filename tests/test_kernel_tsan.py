@@ -159,16 +159,28 @@ def test_threaded_blocks_equal_serial_and_match_the_reference(harness, tmp_path,
         assert_close(out["checkpoints"][:, :, chunk].transpose(-1, -2), entering, 1e-4, f"checkpoint {chunk}")
 
 
-# Each entry leaves out one barrier the programs need, named by program and the index of the sync() call in a run of
-# it (seq_len 20: chunks of 16 and 4 tokens; the backward walks the last chunk first):
+# Each entry leaves out one barrier, named by program and the index of the sync() call in a run of it (seq_len 20:
+# chunks of 16 and 4 tokens, an initial state; the backward walks the last chunk first). Every barrier of the
+# programs is needed except the backward's very last one (only register-to-global stores follow it).
 REQUIRED_BARRIERS = {
-    "forward:1": "after staging the first chunk",
-    "forward:2": "before staging the second chunk (the first one's steps still read shared memory)",
-    "decode:1": "after staging the token",
-    "backward:1": "after staging the last chunk",
-    "backward:3": "after the first output gradient (dsb_buf) of the chunk",
-    "backward:4": "after the chunk's last step (its G b in dsb_buf)",
-    "backward:9": "after staging the first chunk",
+    "forward:0": "after the initial state's columns are in shared memory",
+    "forward:1": "before staging the first chunk (the initial state's rows are still read)",
+    "forward:2": "after staging the first chunk",
+    "forward:3": "before staging the second chunk (the first one's steps still read shared memory)",
+    "forward:4": "after staging the second chunk",
+    "forward:5": "before the final state's rows go to shared memory",
+    "forward:6": "after the final state's rows are in shared memory",
+    "decode:0": "after the state's columns are in shared memory",
+    "decode:1": "before staging the token",
+    "decode:2": "after staging the token",
+    "decode:3": "before the new state's rows go to shared memory",
+    "decode:4": "after the new state's rows are in shared memory",
+    "backward:0": "after staging the last chunk",
+    "backward:1": "after the row pass and the first output gradient (dsb_buf) of the chunk",
+    "backward:2": "after the chunk's last step (its G b in dsb_buf)",
+    "backward:5": "after the chunk's first step, before staging the previous chunk",
+    "backward:6": "after staging the first chunk",
+    "backward:7": "after the first chunk's row pass",
 }
 
 

@@ -196,15 +196,20 @@ WKV7_HD void fill_zero(float* x) {
   for (int j = 0; j < N; ++j) x[j] = 0.f;
 }
 
-// Thread n copies element n of `len` consecutive tokens of one (batch, head) into staged[s * N + n].
-template <int N, class T>
+// Thread n copies element n of `len` (<= kChunk) consecutive tokens of one (batch, head) into staged[s * N + n]
+// (`Decay`: exp of it). One unrolled pass issues every load before the first store, so that the loads of a chunk
+// are in flight together instead of waiting for memory once per token.
+template <int N, bool Decay = false, class T>
 WKV7_HD void stage_vector(float* staged, const T* src, int64_t first, int64_t step_stride, int len, int n) {
-  for (int s = 0; s < len; ++s) staged[s * N + n] = Convert<T>::to_float(src[first + s * step_stride + n]);
-}
-
-template <int N>
-WKV7_HD void stage_decay(float* staged, const float* log_decay, int64_t first, int64_t step_stride, int len, int n) {
-  for (int s = 0; s < len; ++s) staged[s * N + n] = expf(log_decay[first + s * step_stride + n]);
+  float x[kChunk];
+  WKV7_UNROLL
+  for (int s = 0; s < kChunk; ++s) {
+    if (s < len) x[s] = Convert<T>::to_float(src[first + s * step_stride + n]);
+  }
+  WKV7_UNROLL
+  for (int s = 0; s < kChunk; ++s) {
+    if (s < len) staged[s * N + n] = Decay ? expf(x[s]) : x[s];
+  }
 }
 
 // Thread n's share of staging one chunk of `len` tokens: element n of r, decay, k, v, a, b into their
@@ -213,7 +218,7 @@ template <int N, class Args>
 WKV7_HD void stage_chunk(float* staged, float* reset_flags, const Args& args, int64_t token, int64_t first,
                          int64_t step_stride, int len, int n) {
   stage_vector<N>(staged + kR * kChunk * N, args.r, first, step_stride, len, n);
-  stage_decay<N>(staged + kW * kChunk * N, args.log_decay, first, step_stride, len, n);
+  stage_vector<N, true>(staged + kW * kChunk * N, args.log_decay, first, step_stride, len, n);
   stage_vector<N>(staged + kK * kChunk * N, args.k, first, step_stride, len, n);
   stage_vector<N>(staged + kV * kChunk * N, args.v, first, step_stride, len, n);
   stage_vector<N>(staged + kA * kChunk * N, args.a, first, step_stride, len, n);
@@ -234,15 +239,24 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
   const int64_t chunks = num_chunks(seq_len);
   float* reset_flags = smem + kTokenVectors * kChunk * N;
 
-  block.each_thread([&](int n, ForwardThread<N>& thread) {
-    if (args.initial_state == nullptr) {
-      fill_zero<N>(thread.state);
-    } else {
-      const float* row = args.initial_state + (bh * N + n) * N;
+  // The states move between global memory and the threads' rows through shared memory (padded [N][N + 1]), so
+  // that consecutive threads access consecutive addresses (decoding is bound by these accesses).
+  constexpr int kStride = N + 1;
+  static_assert(N * kStride <= forward_smem_floats<N>(), "the staging area holds one state");
+  if (args.initial_state == nullptr) {
+    block.each_thread([&](int n, ForwardThread<N>& thread) { fill_zero<N>(thread.state); });
+  } else {
+    const float* state = args.initial_state + bh * N * N;
+    block.each_thread([&](int n, ForwardThread<N>&) {
       WKV7_UNROLL
-      for (int j = 0; j < N; ++j) thread.state[j] = row[j];
-    }
-  });
+      for (int i = 0; i < N; ++i) smem[i * kStride + n] = state[i * N + n];
+    });
+    block.sync();
+    block.each_thread([&](int n, ForwardThread<N>& thread) {
+      WKV7_UNROLL
+      for (int j = 0; j < N; ++j) thread.state[j] = smem[n * kStride + j];
+    });
+  }
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t t0 = c * kChunk;
@@ -281,10 +295,16 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
     });
   }
 
+  float* final_state = args.final_state + bh * N * N;  // may alias initial_state: every thread has read it
+  block.sync();  // the last chunk (or the initial state) is done with shared memory
   block.each_thread([&](int n, ForwardThread<N>& thread) {
-    float* row = args.final_state + (bh * N + n) * N;
     WKV7_UNROLL
-    for (int j = 0; j < N; ++j) row[j] = thread.state[j];
+    for (int j = 0; j < N; ++j) smem[n * kStride + j] = thread.state[j];
+  });
+  block.sync();
+  block.each_thread([&](int n, ForwardThread<N>&) {
+    WKV7_UNROLL
+    for (int i = 0; i < N; ++i) final_state[i * N + n] = smem[i * kStride + n];
   });
 }
 
@@ -399,7 +419,7 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
     const int len = static_cast<int>(seq_len - t0 < kChunk ? seq_len - t0 : kChunk);
     const int64_t first = token0 + t0 * step_stride;
 
-    block.sync();  // the previous chunk is done with shared memory
+    // (the previous chunk is done with shared memory: its last step ended with a sync)
     block.each_thread([&](int n, BackwardThread<N>&) {
       stage_chunk<N>(staged, reset_flags, args, batch * seq_len + t0, first, step_stride, len, n);
       stage_vector<N>(staged + kDy * kChunk * N, args.dy, first, step_stride, len, n);
@@ -407,8 +427,9 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
     block.sync();
 
     // Row pass: recompute the chunk's states from its checkpoint (thread n: row n); keep P_s every kSubChunk
-    // steps and sa_s = P_s a_s for every step.
-    block.each_thread([&](int n, BackwardThread<N>&) {
+    // steps and sa_s = P_s a_s for every step. Then the output gradient of the last step (no sync between: it
+    // reads only the staged inputs and writes only dsb_buf).
+    block.each_thread([&](int n, BackwardThread<N>& thread) {
       float row[N];
       const float* checkpoint = args.checkpoints + (bh * chunks + c) * N * N;
       WKV7_UNROLL
@@ -430,10 +451,6 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
         WKV7_UNROLL
         for (int j = 0; j < N; ++j) row[j] = row[j] * w[j] + (sa * b[j] + v * k[j]);
       }
-    });
-    block.sync();
-
-    block.each_thread([&](int n, BackwardThread<N>& thread) {
       add_output_gradient<N>(thread, staged, dsb_buf, args.dv + first + (len - 1) * step_stride + n, len - 1, n);
     });
     block.sync();
@@ -464,7 +481,7 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
         args.dlog_decay[offset] = grads.dw * w[n];
         if (s > 0) add_output_gradient<N>(thread, staged, dsb_buf, args.dv + offset - step_stride, s - 1, n);
       });
-      block.sync();  // (G_{s-1} b_{s-1}) of every thread is in dsb_buf
+      block.sync();  // (G_{s-1} b_{s-1}) of every thread is in dsb_buf; after step 0 the chunk is done
     }
   }
 
