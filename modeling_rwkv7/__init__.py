@@ -1,5 +1,14 @@
-"""RWKV-7 "Goose" for Hugging Face transformers. Importing this package registers the `rwkv7` model type with
-the Auto classes."""
+"""RWKV-7 "Goose" for Hugging Face transformers. Importing this package registers our classes with the Auto
+classes (`register_auto_classes`).
+
+Coexistence with a transformers release that ships its own RWKV-7 (model_type "rwkv7" too, `Rwkv7Config` /
+`Rwkv7ForCausalLM`): importing this package never replaces it. `AutoConfig` / `AutoModel*` keep resolving "rwkv7"
+folders to transformers' classes, and a warning says so; our classes load both layouts by name
+(`RWKV7ForCausalLM.from_pretrained(folder)`), a folder we wrote loads ours through its `auto_map` with
+`trust_remote_code=True`, and `register_auto_classes(replace_builtin=True)` makes the Auto classes resolve "rwkv7" to
+ours. Transformers' class cannot read our layout (other tensor names): convert a folder for it with
+`python -m modeling_rwkv7.convert_rwkv7 FOLDER OUT --layout native`.
+"""
 
 from transformers import (
     AutoConfig,
@@ -8,9 +17,13 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.utils import logging
 
 from .cache_rwkv7 import RWKV7Cache
 from .configuration_rwkv7 import RWKV7Config
+from .convert_rwkv7 import native_weight_conversions
 from .modeling_rwkv7 import (
     RWKV7ForCausalLM,
     RWKV7ForSequenceClassification,
@@ -19,11 +32,42 @@ from .modeling_rwkv7 import (
 )
 from .tokenization_rwkv7 import RWKV7Tokenizer
 
-AutoConfig.register("rwkv7", RWKV7Config, exist_ok=True)
-AutoModel.register(RWKV7Config, RWKV7Model, exist_ok=True)
-AutoModelForCausalLM.register(RWKV7Config, RWKV7ForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(RWKV7Config, RWKV7ForSequenceClassification, exist_ok=True)
-AutoTokenizer.register(RWKV7Config, slow_tokenizer_class=RWKV7Tokenizer, exist_ok=True)
+logger = logging.get_logger(__name__)
+
+
+def transformers_ships_rwkv7() -> bool:
+    """Whether the installed transformers has its own model_type "rwkv7" (not one registered at run time)."""
+    return RWKV7Config.model_type in CONFIG_MAPPING_NAMES
+
+
+def register_auto_classes(replace_builtin: bool = False) -> None:
+    """Register our config, models and tokenizer with the Auto classes (done on import with the default).
+
+    replace_builtin: when transformers ships its own "rwkv7", make `AutoConfig` (and so `AutoModel*`) resolve
+        "rwkv7" folders to our classes instead of its; without it, its classes stay and a warning says how to
+        reach ours. Ignored when transformers has no "rwkv7" of its own.
+    """
+    if transformers_ships_rwkv7() and not replace_builtin:
+        logger.warning(
+            "This transformers ships its own RWKV-7 (model_type 'rwkv7'): AutoConfig and AutoModel* keep loading "
+            "'rwkv7' folders with its classes. modeling_rwkv7's classes load both layouts by name "
+            "(modeling_rwkv7.RWKV7ForCausalLM.from_pretrained(folder)); "
+            "modeling_rwkv7.register_auto_classes(replace_builtin=True) makes the Auto classes use them."
+        )
+    else:
+        AutoConfig.register(RWKV7Config.model_type, RWKV7Config, exist_ok=True)
+    # keyed by our config class: these shadow nothing
+    AutoModel.register(RWKV7Config, RWKV7Model, exist_ok=True)
+    AutoModelForCausalLM.register(RWKV7Config, RWKV7ForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(RWKV7Config, RWKV7ForSequenceClassification, exist_ok=True)
+    AutoTokenizer.register(RWKV7Config, slow_tokenizer_class=RWKV7Tokenizer, exist_ok=True)
+
+
+register_auto_classes()
+
+# from_pretrained of our classes also reads the layout of transformers' own RWKV-7 (`rwkv7.*` names, `head.weight`)
+for _model_class in (RWKV7Model, RWKV7ForCausalLM, RWKV7ForSequenceClassification):
+    register_checkpoint_conversion_mapping(_model_class.__name__, native_weight_conversions(), overwrite=True)
 
 # save_pretrained writes `auto_map` and copies the code, so published folders load with trust_remote_code=True
 RWKV7Config.register_for_auto_class()
@@ -40,4 +84,6 @@ __all__ = [
     "RWKV7Model",
     "RWKV7PreTrainedModel",
     "RWKV7Tokenizer",
+    "register_auto_classes",
+    "transformers_ships_rwkv7",
 ]

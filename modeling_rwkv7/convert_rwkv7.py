@@ -1,9 +1,14 @@
 """RWKV-7 checkpoints in, Hub-ready transformers folders out.
 
-Two sources are understood:
+Three sources are understood:
 
 - an official `.pth` state dict (BlinkDL RWKV-LM names, `blocks.{i}.att.w1`), renamed and reshaped below;
-- a flash-linear-attention (fla-hub) folder (`config.json` + safetensors), whose tensor names and shapes are ours.
+- a flash-linear-attention (fla-hub) folder (`config.json` + safetensors), whose tensor names and shapes are ours;
+- a folder in the layout of transformers' own RWKV-7 (`Rwkv7ForCausalLM`, model_type "rwkv7" too): the official
+  names and shapes under an `rwkv7.` prefix (`rwkv7.emb.weight`, `rwkv7.blocks.{i}.att.w1`, `rwkv7.ln_out.*`), a
+  top-level `head.weight`, layer 0's unused `att.v0/v1/v2` kept, and its config keys (`num_heads`, `norm_bias`,
+  `use_deep_embed`, `wkv_state_dtype`, `wkv_implementation`). `from_pretrained` of our classes reads it directly
+  (`native_weight_conversions`); `layout="native"` writes it.
 
 `convert_checkpoint` (CLI: `python -m modeling_rwkv7.convert_rwkv7 SOURCE OUTPUT_DIR`) streams either into a folder
 that loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` anywhere: config with
@@ -28,7 +33,8 @@ Official layout (C = hidden, D = a LoRA rank, H x N = heads x head_dim):
     ffn.key/value.weight           ffn.key/value.weight                        -
     ln_out.*, head.weight          model.norm.*, lm_head.weight                -
 
-`blocks.0.att.v0/v1/v2` (unused by the official code: layer 0 has no value residual) are dropped.
+`blocks.0.att.v0/v1/v2` (unused by the official code: layer 0 has no value residual) are dropped, and written as
+zeros in the native layout, whose model registers them.
 """
 
 import argparse
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
 
 from .configuration_rwkv7 import RWKV7Config
 
@@ -90,6 +97,7 @@ _REQUIRED_OFFICIAL = [
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYOUTS = ("ours", "native")
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 WORLD_VOCAB_SIZE = 65536  # the RWKV World tokenizer's id space; other vocabularies get no tokenizer
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
@@ -211,26 +219,178 @@ def _check_shapes(config: RWKV7Config, state_dict: Mapping[str, torch.Tensor]) -
         raise CheckpointError(f"Tensors with unexpected shapes: {wrong}.")
 
 
+_REVERSE_TOP_LEVEL = {ours: official for official, ours in _TOP_LEVEL.items()}
+_REVERSE_BLOCK_LEVEL = {ours: official for official, ours in _BLOCK_LEVEL.items()}
+_OUR_BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_tensor_to_official(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Map one of our tensors to `(official name, official tensor)`; CheckpointError if unknown."""
+    if name in _REVERSE_TOP_LEVEL:
+        return _REVERSE_TOP_LEVEL[name], tensor
+    match = _OUR_BLOCK_NAME.match(name)
+    if match is None or match.group(2) not in _REVERSE_BLOCK_LEVEL:
+        raise CheckpointError(f"Unknown tensor {name!r} in an RWKV7ForCausalLM state dict.")
+    suffix = _REVERSE_BLOCK_LEVEL[match.group(2)]
+    if suffix in _FLAT_VECTORS:
+        tensor = tensor.reshape(1, 1, -1)
+    elif _TRANSPOSED.search(suffix):
+        tensor = tensor.t().contiguous()
+    return f"blocks.{match.group(1)}.{suffix}", tensor
+
+
 def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Our `RWKV7ForCausalLM` state dict -> official `.pth` names and shapes (the inverse of `official_to_hf`)."""
-    reverse_top = {ours: official for official, ours in _TOP_LEVEL.items()}
-    reverse_block = {ours: official for official, ours in _BLOCK_LEVEL.items()}
-    ours_name = re.compile(r"model\.layers\.(\d+)\.(.+)$")
-    converted = {}
-    for name, tensor in state_dict.items():
-        if name in reverse_top:
-            converted[reverse_top[name]] = tensor
-            continue
-        match = ours_name.match(name)
-        if match is None or match.group(2) not in reverse_block:
-            raise CheckpointError(f"Unknown tensor {name!r} in an RWKV7ForCausalLM state dict.")
-        suffix = reverse_block[match.group(2)]
-        if suffix in _FLAT_VECTORS:
-            tensor = tensor.reshape(1, 1, -1)
-        elif _TRANSPOSED.search(suffix):
-            tensor = tensor.t().contiguous()
-        converted[f"blocks.{match.group(1)}.{suffix}"] = tensor
-    return converted
+    return dict(hf_tensor_to_official(name, tensor) for name, tensor in state_dict.items())
+
+
+# --- transformers' own RWKV-7 layout ("native") <-> ours ------------------------------------------------------
+
+NATIVE_PREFIX = "rwkv7."
+NATIVE_ARCHITECTURE = "Rwkv7ForCausalLM"
+NATIVE_HEAD = "head.weight"
+
+
+def _native_to_official_name(name: str) -> str:
+    """`rwkv7.blocks.3.att.w1` -> `blocks.3.att.w1`, `head.weight` -> `head.weight`; KeyError for any other name."""
+    if name == NATIVE_HEAD:
+        return name
+    official = name.removeprefix(NATIVE_PREFIX)
+    if official == name or official == NATIVE_HEAD:
+        raise KeyError(name)
+    return official
+
+
+def _official_to_native_name(name: str) -> str:
+    return name if name == NATIVE_HEAD else NATIVE_PREFIX + name
+
+
+def native_tensor_to_hf(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """Map one tensor of the native layout to `(our name, our tensor)`; None for layer 0's unused v0/v1/v2;
+    KeyError if unknown."""
+    return official_tensor_to_hf(_native_to_official_name(name), tensor)
+
+
+def expected_native_names(config: RWKV7Config) -> set[str]:
+    """Every tensor name a native-layout checkpoint of this config must hold (layer 0's v0/v1/v2 are optional,
+    `head.weight` is absent when tied)."""
+    names = {_official_to_native_name(name) for name in expected_official_names(config)}
+    if config.tie_word_embeddings:
+        names.discard(NATIVE_HEAD)
+    return names
+
+
+def hf_to_native(state_dict: Mapping[str, torch.Tensor], config: RWKV7Config) -> dict:
+    """Our `RWKV7ForCausalLM` state dict -> the native layout, with layer 0's (never read) v0/v1/v2 as zeros, as
+    transformers' model registers them."""
+    native = {_official_to_native_name(name): t for name, t in hf_to_official(state_dict).items()}
+    if config.tie_word_embeddings:
+        native.pop(NATIVE_HEAD, None)
+    native.update(_native_layer0_value_residual(config, dtype=native[NATIVE_PREFIX + "emb.weight"].dtype))
+    return native
+
+
+def _native_layer0_value_residual(config: RWKV7Config, dtype: torch.dtype, device=None) -> dict:
+    C, D = config.hidden_size, config.v_low_rank_dim
+    prefix = f"{NATIVE_PREFIX}blocks.0.att."
+    shapes = {"v0": (1, 1, C), "v1": (C, D), "v2": (D, C)}
+    return {prefix + name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
+
+
+def native_config_dict(config: RWKV7Config, dtype: torch.dtype) -> dict:
+    """`config.json` of the native layout (transformers' `Rwkv7Config` keys) for the model `config` describes."""
+    if config.vocab_size is None or config.input_size is not None:
+        raise ValueError(
+            "The native layout holds token language models only; this config is a feature encoder "
+            f"(vocab_size={config.vocab_size}, input_size={config.input_size})."
+        )
+    return {
+        "architectures": [NATIVE_ARCHITECTURE],
+        "model_type": "rwkv7",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "head_dim": config.head_dim,
+        "num_heads": config.num_heads,
+        "decay_low_rank_dim": config.decay_low_rank_dim,
+        "a_low_rank_dim": config.a_low_rank_dim,
+        "v_low_rank_dim": config.v_low_rank_dim,
+        "gate_low_rank_dim": config.gate_low_rank_dim,
+        "intermediate_size": config.intermediate_size,
+        "norm_eps": config.norm_eps,
+        "norm_bias": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "use_cache": config.use_cache,
+        "use_deep_embed": False,
+        "wkv_state_dtype": config.wkv_state_dtype,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+class _KeepOurLayout(WeightRenaming):
+    """The reverse of a native-layout transform, applied by `save_pretrained`: our names stay as they are."""
+
+    __slots__ = ()
+
+    def __init__(self):
+        super().__init__(source_patterns="^$", target_patterns="^$")
+
+    def rename_source_key(self, source_key: str) -> tuple[str, None]:
+        return source_key, None
+
+
+class _NativeRenaming(WeightRenaming):
+    """A native tensor that only changes name (load-only)."""
+
+    __slots__ = ()
+
+    def reverse_transform(self) -> WeightRenaming:
+        return _KeepOurLayout()
+
+
+class _NativeConverter(WeightConverter):
+    """A native tensor that changes name and shape (load-only)."""
+
+    __slots__ = ()
+
+    def reverse_transform(self) -> WeightRenaming:
+        return _KeepOurLayout()
+
+
+class _NativeTensorToOurs(ConversionOps):
+    """One native tensor in our shape: transposed (LoRA factors `[C, D]` -> `[D, C]`) or flattened (`[1, 1, C]`)."""
+
+    def __init__(self, transpose: bool):
+        self.transpose = transpose
+
+    def convert(self, input_dict, source_patterns, target_patterns, full_layer_name, **kwargs):
+        (tensors,) = input_dict.values()
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        tensor = tensor.t().contiguous() if self.transpose else tensor.reshape(-1)
+        return {full_layer_name: tensor}
+
+
+def native_weight_conversions() -> list[WeightRenaming | WeightConverter]:
+    """The transforms with which transformers' `from_pretrained` reads a native-layout checkpoint into our classes
+    (registered for them on import): each native tensor is renamed to ours, and flattened or transposed as
+    `official_tensor_to_hf` does. They match native names only (`rwkv7.*`, a top-level `head.weight`), so our own
+    folders load untouched. Load-only: a model loaded from a native folder saves in our layout."""
+    conversions = [
+        _NativeRenaming(rf"^{re.escape(_official_to_native_name(official))}$", ours)
+        for official, ours in _TOP_LEVEL.items()
+    ]
+    for suffix, ours in _BLOCK_LEVEL.items():
+        source = rf"^{re.escape(NATIVE_PREFIX)}blocks\.(\d+)\.{re.escape(suffix)}$"
+        target = rf"model.layers.\1.{ours}"
+        if suffix in _FLAT_VECTORS or _TRANSPOSED.search(suffix):
+            operation = _NativeTensorToOurs(transpose=suffix not in _FLAT_VECTORS)
+            conversions.append(_NativeConverter(source, target, operations=[operation]))
+        else:
+            conversions.append(_NativeRenaming(source, target))
+    return conversions
 
 
 def load_official_state_dict(path: str) -> dict:
@@ -276,30 +436,51 @@ def open_official_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(config, {name: meta[name] for name in order}, load)
 
 
-def open_fla_checkpoint(folder: str | os.PathLike) -> Checkpoint:
-    """An fla-hub RWKV-7 folder: its `config.json` keys are absorbed by `RWKV7Config`, its safetensors tensor
-    names are ours. Its own `auto_map` (pointing at fla's code) is dropped."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
+def _folder_config(folder: Path) -> RWKV7Config:
+    """The `RWKV7Config` of a folder's `config.json` (fla-hub and native keys are absorbed; `auto_map` dropped)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{folder} has no config.json: expected an official `.pth` file or an fla-hub folder.")
+        raise CheckpointError(
+            f"{folder} has no config.json: expected an official `.pth` file, an fla-hub or a native-layout folder."
+        )
     config_dict = json.loads(config_file.read_text())
     if config_dict.get("model_type") != "rwkv7":
         raise CheckpointError(f"{config_file} has model_type={config_dict.get('model_type')!r}; expected 'rwkv7'.")
     for key in ("auto_map", "architectures", "_name_or_path", "transformers_version"):
         config_dict.pop(key, None)
-    config = RWKV7Config.from_dict(config_dict)
+    return RWKV7Config.from_dict(config_dict)
+
+
+def _safetensors_weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file of a folder (sharded or not)."""
+    from safetensors import safe_open
 
     index_file = folder / "model.safetensors.index.json"
     if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    elif (folder / "model.safetensors").is_file():
+        return json.loads(index_file.read_text())["weight_map"]
+    if (folder / "model.safetensors").is_file():
         with safe_open(folder / "model.safetensors", framework="pt") as handle:
-            weight_map = {name: "model.safetensors" for name in handle.keys()}
-    else:
-        raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json.")
+            return {name: "model.safetensors" for name in handle.keys()}
+    raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json.")
+
+
+def _stored_meta(handles: dict, weight_map: dict[str, str], name: str) -> torch.Tensor:
+    stored_slice = handles[weight_map[name]].get_slice(name)
+    return torch.empty(stored_slice.get_shape(), dtype=_SAFETENSORS_DTYPES[stored_slice.get_dtype()], device="meta")
+
+
+def _is_native_layout(weight_map: Mapping[str, str]) -> bool:
+    return NATIVE_PREFIX + "emb.weight" in weight_map
+
+
+def open_fla_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """An fla-hub RWKV-7 folder (or one of ours): its `config.json` keys are absorbed by `RWKV7Config`, its
+    safetensors tensor names are ours. Its own `auto_map` (pointing at fla's code) is dropped."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = _folder_config(folder)
+    weight_map = _safetensors_weight_map(folder)
     handles = {file: safe_open(folder / file, framework="pt") for file in sorted(set(weight_map.values()))}
 
     reference = _reference_tensors(config)
@@ -310,11 +491,7 @@ def open_fla_checkpoint(folder: str | os.PathLike) -> Checkpoint:
             f"{folder} is not the RWKV-7 model its config.json describes ({config.num_hidden_layers} layers, "
             f"hidden_size={config.hidden_size}): missing tensors {missing}, unknown tensors {unknown}."
         )
-    meta = {}
-    for name in reference:
-        stored_slice = handles[weight_map[name]].get_slice(name)
-        dtype = _SAFETENSORS_DTYPES[stored_slice.get_dtype()]
-        meta[name] = torch.empty(stored_slice.get_shape(), dtype=dtype, device="meta")
+    meta = {name: _stored_meta(handles, weight_map, name) for name in reference}
     _check_shapes(config, meta)
 
     def load(name: str) -> torch.Tensor:
@@ -323,14 +500,76 @@ def open_fla_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     return Checkpoint(config, meta, load)
 
 
+def open_native_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """A folder in the layout of transformers' own RWKV-7: `rwkv7.`-prefixed official tensor names, `head.weight`,
+    its config keys. Raises CheckpointError naming every missing or unknown tensor (in the native names)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = _folder_config(folder)
+    weight_map = _safetensors_weight_map(folder)
+    handles = {file: safe_open(folder / file, framework="pt") for file in sorted(set(weight_map.values()))}
+
+    expected = expected_native_names(config)
+    optional = set(_native_layer0_value_residual(config, torch.float32, device="meta"))
+    if config.tie_word_embeddings:
+        optional.add(NATIVE_HEAD)  # a tied head may be stored anyway; ours is the embedding
+    missing = sorted(expected - set(weight_map))
+    unknown = sorted(set(weight_map) - expected - optional)
+    if missing or unknown:
+        raise CheckpointError(
+            f"{folder} is not the native-layout RWKV-7 model its config.json describes ({config.num_hidden_layers} "
+            f"layers, hidden_size={config.hidden_size}): missing tensors {missing}, unknown tensors {unknown}."
+        )
+    native_name, meta = {}, {}
+    for name in sorted(expected):
+        mapped = native_tensor_to_hf(name, _stored_meta(handles, weight_map, name))
+        native_name[mapped[0]] = name
+        meta[mapped[0]] = mapped[1]
+    _check_shapes(config, meta)
+    order = [name for name in _reference_tensors(config) if name in meta]
+
+    def load(name: str) -> torch.Tensor:
+        source = native_name[name]
+        return native_tensor_to_hf(source, handles[weight_map[source]].get_tensor(source))[1]
+
+    return Checkpoint(config, {name: meta[name] for name in order}, load)
+
+
 def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """An official `.pth` file or an fla-hub folder."""
+    """An official `.pth` file, an fla-hub folder (or one of ours), or a native-layout folder (told apart by its
+    tensor names)."""
     source = Path(source)
     if source.is_dir():
+        if _is_native_layout(_safetensors_weight_map(source)):
+            return open_native_checkpoint(source)
         return open_fla_checkpoint(source)
     if not source.is_file():
-        raise FileNotFoundError(f"No checkpoint at {source}: expected an official `.pth` file or an fla-hub folder.")
+        raise FileNotFoundError(
+            f"No checkpoint at {source}: expected an official `.pth` file, an fla-hub or a native-layout folder."
+        )
     return open_official_checkpoint(source)
+
+
+def native_view(checkpoint: Checkpoint) -> Checkpoint:
+    """The same weights, named and shaped in the native layout (what `layout="native"` writes), with layer 0's
+    zero v0/v1/v2 added."""
+    config = checkpoint.config
+    ours_of, tensors = {}, {}
+    for name, meta in checkpoint.tensors.items():
+        official, native_meta = hf_tensor_to_official(name, meta)
+        ours_of[_official_to_native_name(official)] = name
+        tensors[_official_to_native_name(official)] = native_meta
+    zeros = _native_layer0_value_residual(config, checkpoint.tensors["model.embeddings.weight"].dtype, device="meta")
+    tensors.update(zeros)
+
+    def load(native_name: str) -> torch.Tensor:
+        if native_name in zeros:
+            return torch.zeros(zeros[native_name].shape, dtype=zeros[native_name].dtype)
+        name = ours_of[native_name]
+        return hf_tensor_to_official(name, checkpoint.load(name))[1]
+
+    return Checkpoint(config, tensors, load)
 
 
 # --- the output folder -----------------------------------------------------------------------------------------
@@ -340,6 +579,7 @@ def convert_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
+    layout: str = "ours",
     dtype: str = "auto",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
@@ -348,8 +588,11 @@ def convert_checkpoint(
     base_model: Optional[str] = None,
     card_template: Optional[str | os.PathLike] = None,
 ) -> Path:
-    """Convert an official `.pth` or an fla-hub folder into a self-contained transformers folder.
+    """Convert an official `.pth`, an fla-hub folder or a native-layout folder into a transformers folder.
 
+    layout: "ours" (our tensor names, the modeling code and `auto_map`, a model card: loads anywhere with
+        `trust_remote_code=True`) or "native" (the layout of transformers' own RWKV-7, `Rwkv7ForCausalLM`: its tensor
+        names and config keys, no code; our classes load it too).
     dtype: "float32", "bfloat16", "float16", or "auto" (the dtype of the source's embedding table).
     max_shard_size: largest safetensors file (bytes or "2GB"-style); memory use stays around one shard.
     overwrite: replace a non-empty `output_dir` (refused otherwise).
@@ -358,6 +601,8 @@ def convert_checkpoint(
     run leaves no `output_dir` behind.
     """
     source, output_dir = Path(source), Path(output_dir)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
     if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
     if output_dir.resolve() in source.resolve().parents or output_dir.resolve() == source.resolve():
@@ -370,19 +615,24 @@ def convert_checkpoint(
     staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}.partial"
     staging.mkdir()
     try:
-        num_parameters = _write_weights(checkpoint, torch_dtype, staging, max_shard_size)
-        _write_config_and_code(checkpoint.config, torch_dtype, staging)
+        if layout == "native":
+            _write_weights(native_view(checkpoint), torch_dtype, staging, max_shard_size)
+            _write_native_config(checkpoint.config, torch_dtype, staging)
+        else:
+            num_parameters = _write_weights(checkpoint, torch_dtype, staging, max_shard_size)
+            _write_config_and_code(checkpoint.config, torch_dtype, staging)
         if checkpoint.config.vocab_size == WORLD_VOCAB_SIZE:
             _write_tokenizer(staging)
-        card = render_model_card(
-            checkpoint.config,
-            repo_id=repo_id or output_dir.name,
-            num_parameters=num_parameters,
-            license=license,
-            base_model=base_model,
-            template=template,
-        )
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        if layout == "ours":
+            card = render_model_card(
+                checkpoint.config,
+                repo_id=repo_id or output_dir.name,
+                num_parameters=num_parameters,
+                license=license,
+                base_model=base_model,
+                template=template,
+            )
+            (staging / "README.md").write_text(card, encoding="utf-8")
         _move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -436,6 +686,14 @@ def _write_config_and_code(config: RWKV7Config, dtype: torch.dtype, folder: Path
     custom_object_save(model, folder, config=config)  # copies modeling_rwkv7.py and its relative imports
     config.auto_map["AutoModel"] = f"{RWKV7Model.__module__.rsplit('.', 1)[-1]}.{RWKV7Model.__name__}"
     config.save_pretrained(folder)  # adds AutoConfig and copies configuration_rwkv7.py
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+
+def _write_native_config(config: RWKV7Config, dtype: torch.dtype, folder: Path) -> None:
+    """config.json in transformers' own `Rwkv7Config` keys (no `auto_map`, no code) and generation_config.json."""
+    from transformers import GenerationConfig
+
+    (folder / "config.json").write_text(json.dumps(native_config_dict(config, dtype), indent=2) + "\n")
     GenerationConfig.from_model_config(config).save_pretrained(folder)
 
 
@@ -558,10 +816,18 @@ def _human_count(count: int) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_rwkv7.convert_rwkv7",
-        description="Convert an official RWKV-7 .pth or an fla-hub RWKV-7 folder into a Hub-ready transformers folder.",
+        description="Convert an official RWKV-7 .pth, an fla-hub or a native-layout RWKV-7 folder into a transformers folder.",
     )
-    parser.add_argument("source", help="official RWKV-7 .pth file, or fla-hub folder (config.json + safetensors)")
+    parser.add_argument(
+        "source", help="official RWKV-7 .pth file, or an fla-hub, native-layout or converted folder (config.json + safetensors)"
+    )
     parser.add_argument("output_dir", help="folder to create")
+    parser.add_argument(
+        "--layout",
+        default="ours",
+        choices=LAYOUTS,
+        help="ours: our names + code + auto_map (default); native: transformers' own RWKV-7 layout (Rwkv7ForCausalLM)",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: as stored)")
     parser.add_argument(
         "--max-shard-size",
@@ -579,6 +845,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         output_dir = convert_checkpoint(
             args.source,
             args.output_dir,
+            layout=args.layout,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
@@ -600,7 +867,10 @@ __all__ = [
     "config_from_official",
     "convert_checkpoint",
     "count_parameters",
+    "hf_to_native",
     "hf_to_official",
+    "native_tensor_to_hf",
+    "native_weight_conversions",
     "official_to_hf",
     "official_tensor_to_hf",
     "open_checkpoint",
