@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 from .cache_rwkv7 import RWKV7Cache
 from .configuration_rwkv7 import RWKV7Config
 from .linear_rwkv7 import RWKV7Linear
-from .wkv import wkv7
+from .wkv import RWKV7WKV
 
 logger = logging.get_logger(__name__)
 
@@ -112,6 +112,7 @@ class RWKV7Attention(nn.Module):
             self.v_lora = RWKV7LoRA(hidden_size, config.v_low_rank_dim, None)  # value residual mix
         self.g_lora = RWKV7LoRA(hidden_size, config.gate_low_rank_dim, nn.Sigmoid(), bias=False)  # output gate
         self.g_norm = nn.GroupNorm(self.num_heads, hidden_size, eps=config.head_dim * config.norm_eps)  # att.ln_x
+        self.wkv = RWKV7WKV(config)  # the WKV operator, as a layer `kernels.kernelize` can swap
 
     def forward(
         self,
@@ -153,7 +154,7 @@ class RWKV7Attention(nn.Module):
             keep = mask[..., None]
             wkv_key, wkv_value, replace_rate = key * keep, value * keep, learning_rate * keep
             log_decay = log_decay * keep
-        output, recurrent_state = wkv7(
+        output, recurrent_state = self.wkv(
             receptance.view(heads_shape),
             log_decay.view(heads_shape),
             wkv_key.view(heads_shape),
@@ -162,8 +163,6 @@ class RWKV7Attention(nn.Module):
             removal_key * replace_rate.view(heads_shape),
             initial_state=recurrent_state,
             reset=reset,
-            backend=self.config.wkv_backend,
-            kernel_repo=self.config.kernel_repo,
         )
 
         # per-head norm, plus the bonus: each head's value again, weighted by (r * k) . r_k
@@ -243,8 +242,6 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV7Block"]
     _is_stateful = True
-    # layer 0's value-residual LoRA, stored (unused) by official and native-layout checkpoints; layer 0 has none
-    _keys_to_ignore_on_load_unexpected = [r"(^|\.)layers\.0\.attn\.v_lora\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

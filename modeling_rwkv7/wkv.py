@@ -21,9 +21,18 @@ import os
 from typing import Optional
 
 import torch
+from torch import nn
 from transformers.utils import logging
 
 from .configuration_rwkv7 import WKV_BACKENDS
+
+try:
+    from kernels import use_kernel_forward_from_hub
+except ImportError:  # without `kernels` the WKV layer is simply not kernelizable
+
+    def use_kernel_forward_from_hub(layer_name: str):
+        return lambda layer_class: layer_class
+
 
 logger = logging.get_logger(__name__)
 
@@ -118,3 +127,28 @@ def wkv7(
 
         return wkv7_chunked(r, log_decay, k, v, a, b, initial_state, reset)
     return wkv7_recurrent(r, log_decay, k, v, a, b, initial_state, reset)  # "step" is one `wkv7_step`
+
+
+@use_kernel_forward_from_hub("RWKV7WKV")
+class RWKV7WKV(nn.Module):
+    """The WKV operator as a layer, so that `kernels.kernelize(model, mode=...)` can replace its forward with a hub
+    kernel's `layers.RWKV7WKV` (layer name "RWKV7WKV"). Unkernelized, it is `wkv7` with the config's `wkv_backend`
+    and `kernel_repo`. No parameters; the arguments and outputs are those of `wkv7` (module docstring)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(
+        self,
+        r: torch.Tensor,
+        log_decay: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        initial_state: Optional[torch.Tensor] = None,
+        reset: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return wkv7(r, log_decay, k, v, a, b, initial_state, reset,
+                    backend=self.config.wkv_backend, kernel_repo=self.config.kernel_repo)

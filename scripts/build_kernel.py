@@ -5,16 +5,23 @@ The official builder (kernel-builder) needs Nix; this script produces the same l
     build/<variant>/__init__.py            the Python API (torch-ext/rwkv7_wkv/*.py)
     build/<variant>/_ops.py                binds torch.ops.<id>
     build/<variant>/<id>.abi3.so           the ops, registered under the namespace <id>
-    build/<variant>/metadata.json          name, id, version, license, python-depends, backend
+    build/<variant>/metadata.json          name, id, version, license, python-depends, backend, digest
     build/<variant>/rwkv7_wkv/__init__.py  entry point for `kernels` releases that import this directory
 
 The variant name is the one `kernels` looks for on this machine (e.g. torch213-cxx11-cpu-x86_64-linux) and
 <id> is `_rwkv7_wkv_<backend>_<hash of the sources, this script and the toolchain>`: a variant is rebuilt only
 when that hash changes, and a source change gives the new build a fresh ops namespace.
 
+As with kernel-builder, each source is compiled with only the include directories build.toml declares for it (a
+kernel's `include` entries; torch-ext sources get none but the generated registration.h). metadata.json carries
+the SHA-256 digest of the variant's files (kernels-data's `Digest`), and the CPU build is checked with
+kernel-abi-check (Python 3.9 stable ABI, manylinux_2_28).
+
     python scripts/build_kernel.py               # CPU variant
     python scripts/build_kernel.py --cuda        # CUDA variant, for the GPUs of this machine (TORCH_CUDA_ARCH_LIST)
-    python scripts/build_kernel.py --check-cuda  # compile-check the CUDA sources for sm_80 and sm_90 (no GPU needed)
+    python scripts/build_kernel.py --check-cuda  # nvcc + c++ compile check of the CUDA sources for build.toml's
+                                                 # cuda-capabilities (no GPU needed)
+    python scripts/build_kernel.py --check-cpu   # c++ compile check of the CPU sources
 """
 
 import argparse
@@ -39,7 +46,8 @@ except ImportError:  # Python < 3.11
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
 BUILD_DIR = KERNEL_DIR / "build"
-CHECK_ARCHS = ("8.0", "9.0")
+PYTHON_ABI = "3.9"  # the stable-ABI and manylinux levels kernel-builder builds for
+MANYLINUX = "manylinux_2_28"
 
 # What kernel-builder generates next to torch_binding.cpp: a TORCH_LIBRARY that takes the namespace from a macro,
 # and a Python module init so that `from . import <id>` loads the library.
@@ -138,13 +146,22 @@ def source_files() -> list[Path]:
     return files
 
 
-def kernel_sources(config: dict, backend: str) -> list[str]:
-    """Compiled sources (relative to KERNEL_DIR) of `backend`, from build.toml."""
-    sources = [s for s in config["torch"]["src"] if s.endswith((".cpp", ".cu"))]
+def kernel_sources(config: dict, backend: str) -> dict[str, list[Path]]:
+    """Compiled sources (relative to KERNEL_DIR) of `backend`, from build.toml, each with the include directories
+    build.toml declares for it: its kernel's `include` entries; none for the torch-ext sources."""
+    sources = {s: [] for s in config["torch"]["src"] if s.endswith((".cpp", ".cu"))}
     for kernel in config["kernel"].values():
         if kernel["backend"] == backend:
-            sources += [s for s in kernel["src"] if s.endswith((".cpp", ".cu"))]
+            includes = [KERNEL_DIR / entry for entry in kernel.get("include", [])]
+            sources.update({s: includes for s in kernel["src"] if s.endswith((".cpp", ".cu"))})
     return sources
+
+
+def declared_cuda_archs(config: dict) -> list[str]:
+    """The cuda-capabilities of build.toml's CUDA kernels (e.g. "12.0+PTX"), in ascending order."""
+    archs = {arch for kernel in config["kernel"].values() if kernel["backend"] == "cuda"
+             for arch in kernel["cuda-capabilities"]}
+    return sorted(archs, key=lambda arch: tuple(int(x) for x in arch.removesuffix("+PTX").split(".")))
 
 
 def build_hash(backend: str, flags: list[str]) -> str:
@@ -213,8 +230,10 @@ def gencode_flags(archs) -> list[str]:
     return flags
 
 
-def compile_extension(ops_id: str, backend: str, sources: list[str], flags: dict, out_dir: Path, temp: Path):
-    """Compile and link `<ops_id>.abi3.so` into `out_dir` with torch.utils.cpp_extension."""
+def compile_extension(ops_id: str, backend: str, sources: dict[str, list[Path]], flags: dict, out_dir: Path,
+                      temp: Path):
+    """Compile and link `<ops_id>.abi3.so` into `out_dir` with torch.utils.cpp_extension, on the declared include
+    directories of the sources (cpp_extension takes one list for all: their union)."""
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -222,10 +241,11 @@ def compile_extension(ops_id: str, backend: str, sources: list[str], flags: dict
     include.mkdir()
     (include / "registration.h").write_text(REGISTRATION_H)
     make_extension = CUDAExtension if backend == "cuda" else CppExtension
+    declared = dict.fromkeys(str(path) for includes in sources.values() for path in includes)
     extension = make_extension(
         name=ops_id,
-        sources=sources,
-        include_dirs=[str(include), str(KERNEL_DIR / "csrc"), str(KERNEL_DIR / "torch-ext")],
+        sources=list(sources),
+        include_dirs=[str(include), *declared],
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"] if backend == "cpu" else [],
         py_limited_api=True,
@@ -247,6 +267,51 @@ def compile_extension(ops_id: str, backend: str, sources: list[str], flags: dict
         raise SystemExit(f"error: expected one {ops_id}*.so in {out_dir}, found {[p.name for p in built]}")
     if not built[0].name.endswith(".abi3.so"):
         built[0].rename(out_dir / f"{ops_id}.abi3.so")
+
+
+def variant_digest(variant_dir: Path):
+    """metadata.json's `digest` entry for the files of `variant_dir` (kernels-data's SHA-256 `Digest`, which
+    skips metadata.json and __pycache__), or None without kernels-data."""
+    try:
+        from kernels_data import Digest, DigestAlgorithm
+    except ImportError:
+        return None
+    return {"algorithm": "sha256", "files": Digest.hash_variant(DigestAlgorithm.SHA256, variant_dir).files}
+
+
+def check_metadata(variant_dir: Path) -> str:
+    """Reads metadata.json with kernels-data's `Metadata` and validates its digest against the files; raises
+    SystemExit on a mismatch. Returns a line for the report."""
+    try:
+        from kernels_data import Digest, DigestValidationError, Metadata
+    except ImportError:
+        return "kernels-data not installed: metadata.json not cross-checked"
+    metadata = Metadata.read_from_file(variant_dir / "metadata.json")
+    if metadata.digest is None:
+        raise SystemExit(f"error: {variant_dir / 'metadata.json'} has no digest")
+    try:
+        metadata.digest.validate(Digest.hash_variant(metadata.digest.algorithm, variant_dir))
+    except DigestValidationError as error:
+        violations = "; ".join(str(violation) for violation in error.violations)
+        raise SystemExit(f"error: {variant_dir.name} does not match its metadata digest: {violations}")
+    return f"metadata.json read by kernels-data (id {metadata.id}); digest of {len(metadata.digest.files)} files ok"
+
+
+def check_abi(library: Path) -> str:
+    """kernel-abi-check of a built library: a Python stable-ABI violation raises SystemExit; symbols newer than
+    manylinux_2_28 (what a build against this machine's glibc may need) are reported, since only kernel-builder's
+    toolchain targets that level. Returns a line for the report."""
+    try:
+        from kernel_abi_check import ObjectFile
+    except ImportError:
+        return "kernel-abi-check not installed: ABI not checked"
+    binary = ObjectFile(library)
+    abi_violations = binary.check_python_abi(PYTHON_ABI)
+    if abi_violations:
+        raise SystemExit(f"error: {library.name} is not abi3 for Python {PYTHON_ABI}: {abi_violations}")
+    newer = sorted({f"{v.name} ({v.dep} {v.version})" for v in binary.check_manylinux(MANYLINUX)})
+    manylinux = f"{MANYLINUX} compatible" if not newer else f"not {MANYLINUX}: needs {', '.join(newer)}"
+    return f"kernel-abi-check: {library.name} is abi3 for Python >= {PYTHON_ABI}; {manylinux}"
 
 
 def build_variant(backend: str, force: bool = False) -> Path:
@@ -299,7 +364,15 @@ def build_variant(backend: str, force: bool = False) -> Path:
             "python-depends": [],
             "backend": {"type": backend, **({"archs": archs} if archs else {})},
         }
+        digest = variant_digest(out)  # of every file but metadata.json, so computed before writing it
+        if digest is None:
+            print("note: kernels-data not installed: metadata.json without a digest")
+        else:
+            metadata["digest"] = digest
         (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        print(check_metadata(out))
+        if backend == "cpu":
+            print(check_abi(out / f"{ops_id}.abi3.so"))
 
         if variant_dir.exists():
             shutil.rmtree(variant_dir)
@@ -309,40 +382,48 @@ def build_variant(backend: str, force: bool = False) -> Path:
     return variant_dir
 
 
-def check_cuda(archs=CHECK_ARCHS) -> None:
-    """Compile the CUDA kernels with nvcc for `archs` (reporting registers and spills), and syntax-check the
-    torch-side CUDA sources against this torch's headers, without a GPU."""
-    cuda_home = find_cuda_home()
+def check_sources(backend: str) -> None:
+    """Compile every `backend` source of build.toml with exactly its declared include directories (plus the
+    system headers of torch, Python and CUDA), as kernel-builder does, without a GPU: nvcc for the .cu files, for
+    every cuda-capability of build.toml (reporting registers and spills), and c++ -fsyntax-only for the .cpp
+    files."""
     import torch.utils.cpp_extension as cpp_extension
 
     config = kernel_config()
-    sources = kernel_sources(config, "cuda")
-    cu_sources = [s for s in sources if s.endswith(".cu")]
-    cpp_sources = [s for s in sources if s.endswith(".cpp")]
-    nvcc = str(cuda_home / "bin" / "nvcc")
+    sources = kernel_sources(config, backend)
+    torch_sources = set(config["torch"]["src"])
+    archs = declared_cuda_archs(config)
+    cuda_home = find_cuda_home() if backend == "cuda" else None
     started = time.time()
     with tempfile.TemporaryDirectory() as temp_name:
         temp = Path(temp_name)
-        include = temp / "include"
-        (include / "c10" / "cuda" / "impl").mkdir(parents=True)
-        (include / "registration.h").write_text(REGISTRATION_H)
-        # Generated at torch's own build and absent from CPU wheels; its one macro only affects symbol visibility.
-        (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        generated = temp / "generated"  # what kernel-builder writes next to torch_binding.cpp
+        generated.mkdir()
+        (generated / "registration.h").write_text(REGISTRATION_H)
+        system = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+        if cuda_home is not None:
+            # Generated at torch's own build and absent from CPU wheels; its one macro only affects symbol visibility.
+            stand_in = temp / "system"
+            (stand_in / "c10" / "cuda" / "impl").mkdir(parents=True)
+            (stand_in / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+            system += [str(stand_in), str(cuda_home / "include")]
+        macro = "-DCUDA_KERNEL" if backend == "cuda" else "-DCPU_KERNEL"
 
         jobs = []
-        for source in cu_sources:
-            # the flags torch's CUDAExtension adds (C++20, no implicit half conversions, ...) plus ours
-            command = [nvcc, "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, "-O3", "-c", str(KERNEL_DIR / source),
-                       "-o", str(temp / (Path(source).stem + ".o")), "-Xptxas", "-v", "--threads", "2",
-                       "-I", str(KERNEL_DIR / "csrc")] + gencode_flags(archs)
-            jobs.append((f"nvcc {source} for sm_{', sm_'.join(a.replace('.', '') for a in archs)}", command))
-        torch_includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-        python_include = sysconfig.get_paths()["include"]
-        command = ["c++", "-std=c++20", "-fsyntax-only", "-Wall", "-DCUDA_KERNEL", "-DTORCH_EXTENSION_NAME=_check",
-                   f"-I{include}", f"-I{KERNEL_DIR / 'csrc'}", f"-I{KERNEL_DIR / 'torch-ext'}",
-                   f"-I{cuda_home / 'include'}", f"-I{python_include}", *torch_includes]
-        command += [str(KERNEL_DIR / s) for s in cpp_sources]
-        jobs.append((f"c++ -fsyntax-only -DCUDA_KERNEL {' '.join(cpp_sources)}", command))
+        for source, includes in sources.items():
+            include_flags = [f"-I{path}" for path in includes + ([generated] if source in torch_sources else [])]
+            if source.endswith(".cu"):
+                # the flags torch's CUDAExtension adds (C++20, no implicit half conversions, ...) plus ours
+                command = [str(cuda_home / "bin" / "nvcc"), "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, "-O3",
+                           "-c", str(KERNEL_DIR / source), "-o", str(temp / (Path(source).stem + ".o")),
+                           "-Xptxas", "-v", "--threads", "2", *include_flags, *gencode_flags(archs)]
+                label = f"nvcc {source} for {', '.join(archs)}"
+            else:
+                command = ["c++", "-std=c++20", "-fsyntax-only", "-Wall", macro, "-DTORCH_EXTENSION_NAME=_check",
+                           *include_flags, *(f"-isystem{path}" for path in system), str(KERNEL_DIR / source)]
+                label = f"c++ -fsyntax-only {macro} {source}"
+            label += f" (includes: {', '.join(str(p.relative_to(KERNEL_DIR)) for p in includes) or 'none'})"
+            jobs.append((label, command))
 
         running = [(label, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
                    for label, cmd in jobs]
@@ -354,12 +435,12 @@ def check_cuda(archs=CHECK_ARCHS) -> None:
                 print(f"FAILED: {label}\n{output}")
                 continue
             print(f"ok: {label}")
-            if "nvcc" in label:
+            if label.startswith("nvcc"):
                 for line in ptxas_summary(output):
                     print("  " + line)
     if failed:
-        raise SystemExit("error: CUDA compile check failed")
-    print(f"CUDA compile check passed in {time.time() - started:.0f} s")
+        raise SystemExit(f"error: {backend} compile check failed")
+    print(f"{backend} compile check passed in {time.time() - started:.0f} s")
 
 
 def ptxas_summary(output: str) -> list[str]:
@@ -390,11 +471,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuda", action="store_true", help="build the CUDA variant instead of the CPU one")
     parser.add_argument("--check-cuda", action="store_true", help="only compile-check the CUDA sources (no GPU)")
+    parser.add_argument("--check-cpu", action="store_true", help="only compile-check the CPU sources")
     parser.add_argument("--force", action="store_true", help="rebuild even if the variant is up to date")
     args = parser.parse_args()
-    if args.check_cuda:
-        check_cuda()
-    else:
+    checks = [backend for backend, wanted in (("cpu", args.check_cpu), ("cuda", args.check_cuda)) if wanted]
+    for backend in checks:
+        check_sources(backend)
+    if not checks:
         build_variant("cuda" if args.cuda else "cpu", force=args.force)
 
 

@@ -1,18 +1,26 @@
-"""Issue 5: the compiled WKV-7 kernel (kernels/rwkv7_wkv) in kernel-hub layout, built here as its CPU variant and
-loaded through the `kernels` library; its ops against the reference recurrence; the loader's fallbacks; the CUDA
-sources compiled with nvcc for sm_80 and sm_90."""
+"""Issues 5 and 13: the compiled WKV-7 kernel (kernels/rwkv7_wkv) in kernel-hub layout, built here as its CPU variant
+and loaded through the `kernels` library; its ops against the reference recurrence; the loader's fallbacks;
+kernel-builder conformance checked by the tools (every source compiled with exactly the include directories
+build.toml declares, nvcc for every declared CUDA capability, metadata.json read and its digest validated by
+kernels-data, the library checked by kernel-abi-check)."""
 
 import importlib.util
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    from pip._vendor import tomli as tomllib
 
 from modeling_rwkv7 import wkv_kernel
 from modeling_rwkv7.wkv import wkv7_recurrent
@@ -91,8 +99,11 @@ def test_variant_layout_and_metadata(cpu_variant, kernel):
     assert metadata["name"] == "rwkv7-wkv" and metadata["version"] == 1 and metadata["backend"] == {"type": "cpu"}
     assert metadata["python-depends"] == [] and metadata["license"] == "Apache-2.0"
     assert metadata["id"].startswith("_rwkv7_wkv_cpu_")
-    files = {str(p.relative_to(cpu_variant)) for p in cpu_variant.rglob("*") if "__pycache__" not in p.parts}
-    assert {"__init__.py", "_ops.py", "metadata.json", f"{metadata['id']}.abi3.so", "rwkv7_wkv/__init__.py"} <= files
+    files = {str(p.relative_to(cpu_variant)) for p in cpu_variant.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    expected_files = {"__init__.py", "_ops.py", "layers.py", f"{metadata['id']}.abi3.so", "rwkv7_wkv/__init__.py"}
+    assert files == expected_files | {"metadata.json"}
+    assert set(metadata["digest"]["files"]) == expected_files and metadata["digest"]["algorithm"] == "sha256"
     # kernels imports the variant as the module named by the id, and the ops live in that namespace
     assert kernel.__name__ == metadata["id"]
     assert kernel.ops is getattr(torch.ops, metadata["id"])
@@ -293,6 +304,7 @@ def test_loader_bad_path(fresh_loader, tmp_path, caplog, make_path, reason):
 
 def test_loader_without_path_on_a_cpu_machine(fresh_loader, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(wkv_kernel, "_trusted", wkv_kernel.HubKernel(REPO_ID, "0" * 40))
     with caplog.at_level(logging.WARNING):
         assert load_wkv_kernel(REPO_ID) is None
     assert any("no CUDA device" in m for m in warnings_of(caplog))
@@ -301,26 +313,96 @@ def test_loader_without_path_on_a_cpu_machine(fresh_loader, monkeypatch, caplog)
 
 
 def test_loader_rejects_a_build_for_another_gpu(kernel, monkeypatch, tmp_path):
-    (tmp_path / "metadata.json").write_text(json.dumps({"backend": {"type": "cuda", "archs": ["8.0", "9.0"]}}))
+    """A CUDA build loads only on the GPUs its archs cover (kernels' own rule: same major, newer minor; any newer
+    GPU through +PTX)."""
+    metadata = {"name": "rwkv7-wkv", "id": "_rwkv7_wkv_cuda_0", "version": 1, "license": "Apache-2.0",
+                "python-depends": [], "backend": {"type": "cuda", "archs": ["8.0", "9.0", "10.0", "12.0+PTX"]}}
+    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
     cuda_build = type(sys)("cuda_build")
     cuda_build.__file__ = str(tmp_path / "__init__.py")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for capability, expected in [((8, 6), None), ((9, 0), None), ((7, 5), "not 7.5 (this GPU)"),
-                                 ((10, 0), "is built for compute capabilities 8.0, 9.0, not 10.0")]:
+    for capability, runs in [((8, 0), True), ((8, 6), True), ((9, 0), True), ((10, 3), True), ((12, 0), True),
+                             ((12, 1), True), ((13, 0), True), ((7, 5), False), ((11, 0), False)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda capability=capability: capability)
         mismatch = wkv_kernel._arch_mismatch(cuda_build)
-        assert mismatch == expected or (expected is not None and expected in mismatch)
+        if runs:
+            assert mismatch is None, (capability, mismatch)
+        else:
+            assert f"CUDA capability {capability[0]}.{capability[1]} of the current device is not supported" in mismatch
+            assert "8.0, 9.0, 10.0, 12.0+PTX" in mismatch and "\n" not in mismatch
     assert wkv_kernel._arch_mismatch(kernel) is None  # the CPU build has no archs
 
 
-# --- CUDA sources ----------------------------------------------------------------------------------------------
+# --- kernel-builder conformance ------------------------------------------------------------------------------
 
 
-def test_cuda_sources_compile_for_sm80_and_sm90():
+def kernel_config() -> dict:
+    with open(KERNEL_DIR / "build.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def test_build_toml_covers_ampere_to_blackwell_with_ptx():
+    config = kernel_config()
+    (cuda_kernel,) = [kernel for kernel in config["kernel"].values() if kernel["backend"] == "cuda"]
+    capabilities = cuda_kernel["cuda-capabilities"]
+    assert {c.removesuffix("+PTX") for c in capabilities} >= {"8.0", "9.0", "10.0", "12.0"}
+    newest = max(capabilities, key=lambda c: tuple(int(x) for x in c.removesuffix("+PTX").split(".")))
+    assert newest.endswith("+PTX")  # PTX of the newest, so later GPUs JIT-compile instead of failing to launch
+    # every file a source includes with quotes is in its kernel's src list or under a declared include directory
+    for kernel in config["kernel"].values():
+        listed = set(kernel["src"])
+        for source in [s for s in kernel["src"] if s.endswith((".cpp", ".cu", ".h"))]:
+            for included in re.findall(r'#include "([^"]+)"', (KERNEL_DIR / source).read_text()):
+                assert any(f"{entry}/{included}" in listed for entry in kernel["include"]), (source, included)
+
+
+def test_cpu_sources_compile_with_exactly_the_declared_includes():
+    output = run_build_script("--check-cpu")
+    assert "cpu compile check passed" in output
+    assert "ok: c++ -fsyntax-only -DCPU_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output
+    assert "ok: c++ -fsyntax-only -DCPU_KERNEL csrc/wkv7_cpu.cpp (includes: csrc)" in output
+
+
+def test_metadata_read_and_digest_validated_by_kernels_data(cpu_variant, tmp_path):
+    from kernels_data import Backend, Digest, DigestValidationError, DigestViolation, Metadata
+
+    metadata = Metadata.read_from_file(cpu_variant / "metadata.json")
+    assert str(metadata.name) == "rwkv7-wkv" and metadata.version == 1 and metadata.license == "Apache-2.0"
+    assert metadata.backend.backend_type == Backend.CPU and metadata.id.startswith("_rwkv7_wkv_cpu_")
+    metadata.digest.validate(Digest.hash_variant(metadata.digest.algorithm, cpu_variant))  # raises on a mismatch
+
+    # a copy with one byte of the library changed fails the same check, naming the file
+    tampered = tmp_path / cpu_variant.name
+    shutil.copytree(cpu_variant, tampered, ignore=shutil.ignore_patterns("__pycache__"))
+    library = tampered / f"{metadata.id}.abi3.so"
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 1
+    library.write_bytes(bytes(data))
+    with pytest.raises(DigestValidationError) as error:
+        metadata.digest.validate(Digest.hash_variant(metadata.digest.algorithm, tampered))
+    assert [type(v) for v in error.value.violations] == [DigestViolation.HashMismatch]
+    assert error.value.violations[0].path == library.name
+
+
+def test_cpu_library_passes_kernel_abi_check(cpu_variant):
+    from kernel_abi_check import ObjectFile
+
+    library = ObjectFile(next(cpu_variant.glob("*.abi3.so")))
+    assert library.check_python_abi("3.9") == []  # stable ABI: one build for every Python >= 3.9
+    # The manylinux level depends on the glibc of the machine that builds (kernel-builder targets manylinux_2_28);
+    # whatever it needs must be present here, since the library was just loaded.
+    glibc = tuple(int(x) for x in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
+    assert library.check_manylinux(f"manylinux_{glibc[0]}_{glibc[1]}") == []
+
+
+def test_cuda_sources_compile_for_every_declared_capability():
     output = run_build_script("--check-cuda")
-    assert "CUDA compile check passed" in output
-    for arch in ("sm_80", "sm_90"):
+    assert "cuda compile check passed" in output
+    assert "ok: nvcc csrc/wkv7_cuda.cu for 8.0, 9.0, 10.0, 12.0+PTX (includes: csrc)" in output
+    for arch in ("sm_80", "sm_90", "sm_100", "sm_120"):
         for kernel_name in ("forward", "backward"):
             for dtype in ("float32", "float16", "bfloat16"):
                 assert f"{arch} {kernel_name} N=64 {dtype}" in output, output
-    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL" in output
+    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL csrc/wkv7_cuda_ops.cpp (includes: csrc)" in output
+    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output

@@ -4,9 +4,9 @@
 
 #include <vector>
 
-#include "torch_binding.h"
 #include "wkv7_checks.h"
 #include "wkv7_core.h"
+#include "wkv7_ops.h"
 
 namespace {
 

@@ -3,9 +3,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "torch_binding.h"
 #include "wkv7_checks.h"
 #include "wkv7_cuda.h"
+#include "wkv7_ops.h"
 
 namespace {
 

@@ -1,7 +1,7 @@
 #include <torch/library.h>
 
+#include "../csrc/wkv7_ops.h"
 #include "registration.h"
-#include "torch_binding.h"
 
 // The ops namespace is the kernel id of metadata.json (TORCH_EXTENSION_NAME, e.g. _rwkv7_wkv_cuda_1a2b3c4).
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {

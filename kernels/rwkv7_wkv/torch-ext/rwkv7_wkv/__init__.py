@@ -11,7 +11,8 @@ Per head, with the state ``S`` laid out ``[value, key]``:
     reset:                    [batch, seq_len] bool, or None: the state is zeroed before the tokens marked True
 
 `wkv7` returns ``(y in r's dtype, final_state float32)`` and is differentiable (all inputs, initial_state
-included); `wkv7_decode_step` advances a state by one token in place. Head sizes: `HEAD_SIZES`.
+included); `wkv7_decode_step` advances a state by one token in place. Head sizes: `HEAD_SIZES`. `layers.RWKV7WKV`
+is the hub layer `kernels.kernelize` puts in place of `modeling_rwkv7`'s WKV layer.
 """
 
 from typing import Optional
@@ -101,4 +102,6 @@ def _decode_step_fake(r, log_decay, k, v, a, b, state):
     return r.new_empty(r.shape)
 
 
-__all__ = ["CHECKPOINT_INTERVAL", "HEAD_SIZES", "ops", "wkv7", "wkv7_decode_step"]
+from . import layers  # noqa: E402  (its layers call wkv7)
+
+__all__ = ["CHECKPOINT_INTERVAL", "HEAD_SIZES", "layers", "ops", "wkv7", "wkv7_decode_step"]

@@ -5,8 +5,9 @@
 #include <optional>
 #include <tuple>
 
-// Op implementations registered by torch_binding.cpp (schemas there). Inputs [batch, seq_len, heads, head_dim];
-// decode_step takes one token, [batch, heads, head_dim], and updates `state` in place.
+// The op implementations of both backends, registered by torch-ext/torch_binding.cpp (schemas there). Inputs
+// [batch, seq_len, heads, head_dim]; decode_step takes one token, [batch, heads, head_dim], and updates `state`
+// in place.
 
 using Wkv7ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // y, final_state, checkpoints
 using Wkv7BackwardOutputs =  // dr, dlog_decay, dk, dv, da, db, dinitial_state
