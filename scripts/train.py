@@ -14,6 +14,12 @@
     # process (accelerate needs --mpirun_hostfile for that), so launch through torch.distributed instead:
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --use_cpu ...
 
+    # FSDP2 on GPUs (each process holds 1/N of the weights, gradients and optimizer state; one unit per RWKV7Block).
+    # accelerate 1.15 runs FSDP on accelerator devices only: on CPU it would fall back to DDP, which this script
+    # refuses (scripts/fsdp_check.py trains under FSDP2 on CPU, with torch's fully_shard directly)
+    accelerate launch --use_fsdp --fsdp_version 2 --fsdp_transformer_layer_cls_to_wrap RWKV7Block \
+        --fsdp_reshard_after_forward true --fsdp_state_dict_type FULL_STATE_DICT --num_processes 8 scripts/train.py ...
+
 All `TrainingArguments` options are accepted as flags (`--learning_rate`, `--per_device_train_batch_size`,
 `--activation_checkpointing`, `--bf16`, `--save_steps`, ...). Documents are tokenized with the RWKV World tokenizer,
 each followed by the end-of-document token 0, and packed into rows of `--block_size` tokens. A row can hold
@@ -321,6 +327,21 @@ def warn_if_cpu_processes_were_dropped() -> None:
         )
 
 
+def refuse_fsdp_that_accelerate_dropped(trainer: Trainer, training_args: TrainingArguments) -> None:
+    """`accelerate launch --use_fsdp` (or `--fsdp`) on CPU: accelerate enables FSDP on accelerator devices only and
+    would train with DDP instead (accelerate 1.15 keeps DistributedType.MULTI_CPU); refuse rather than do that."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    if asked and not trainer.is_fsdp_enabled:
+        import accelerate
+
+        raise RuntimeError(
+            f"FSDP was asked for, but accelerate {accelerate.__version__} did not enable it on "
+            f"{training_args.device.type!r}: it would train with {trainer.accelerator.distributed_type} instead. "
+            "accelerate runs FSDP on accelerator devices only. On CPU, use `accelerate launch --multi_gpu "
+            "--num_processes N scripts/train.py --use_cpu ...` (DDP), or scripts/fsdp_check.py to train under FSDP2."
+        )
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     """Run the script with `argv` (default: the command line). Returns the final evaluation metrics (empty
     without evaluation data)."""
@@ -370,6 +391,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
+    refuse_fsdp_that_accelerate_dropped(trainer, training_args)
     trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint))
 
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
