@@ -1,17 +1,26 @@
 """Checks and times the built rwkv7_wkv kernel on a GPU (run by scripts/gpu_check.sh after the CUDA build).
 
+0. `--sanitize`: the kernel's forward (with checkpoints), backward and decode step once on tiny shapes, every dtype
+   and head size, with resets and an initial state, and nothing else: the workload scripts/gpu_check.sh runs under
+   compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
 1. Correctness on fresh random inputs against the reference `wkv7_recurrent` (relative error = max |diff| / max
    |reference|): forward (y, final state) and backward (all input gradients, initial state included) for float32,
    bfloat16 and float16, every head size, ragged lengths, reset masks; the decode step against one reference step
-   and token-by-token decoding against the sequence op. Outputs come from a NaN-poisoned CUDA allocator, so an
-   element the kernel never writes shows up as NaN.
-2. Timing at B=8, T=4096, H=32, N=64 bfloat16: the kernel's forward / backward against the PyTorch chunked path
-   (`modeling_rwkv7.wkv_chunked`, if importable) and fla's `chunk_rwkv7` (if importable), with the forward's
-   memory-bandwidth floor (r, w, k, v, a, b read + y written, bfloat16, at the bandwidth of a large copy).
+   and token-by-token decoding against the sequence op; the forward against BlinkDL's official CUDA kernel (the
+   `rwkv` package's, when installed). Outputs come from a NaN-poisoned CUDA allocator, so an element the kernel
+   never writes shows up as NaN.
+2. Timing, bfloat16, at B=8 T=4096 C=4096 (64 heads of 64) and B=8 T=4096 H=32 N=64: the kernel's forward and
+   forward+backward against the PyTorch chunked path (`modeling_rwkv7.wkv_chunked`), BlinkDL's official kernel
+   (`rwkv` package, RWKV_CUDA_ON=1 build; forward only, one sequence per call) and fla's `chunk_rwkv7` (keyword
+   arguments), each when available (a missing one is named and skipped). Every row has its memory-bandwidth floor:
+   the bytes that implementation really reads and writes (this kernel's log_decay is float32, the others' decay
+   bfloat16; the backward reads the forward's state checkpoints) at the bandwidth of a large device copy.
 
-Needs only torch; the `kernels` library and transformers are used when installed. Exit status 1 if a check fails.
+Needs only torch; the `kernels` library, transformers, `rwkv` and fla are used when installed. Exit status 1 if a
+check fails.
 
-    python scripts/gpu_check.py [--device cuda] [--bench-shape 8,4096,32,64] [--reps 10] [--json out.json]
+    python scripts/gpu_check.py [--device cuda] [--sanitize] [--bench-shapes 8,4096,64,64 8,4096,32,64] [--reps 10]
+                                [--json out.json]
 """
 
 import argparse
@@ -228,35 +237,98 @@ def forward_and_backward(fn, inputs, dy):
     return run
 
 
-def bench(kernel, device, shape, reps) -> list[dict]:
+def nbytes(*tensors) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+
+
+def official_kernel(device: str, head_dim: int = 64):
+    """BlinkDL's inference WKV-7 kernel as the `rwkv` package builds it with RWKV_CUDA_ON=1 (its sources and flags),
+    wrapped as ``forward(r, w, k, v, a, b, state) -> y`` for ``[seq_len, channels]`` inputs of one sequence, w such
+    that decay = exp(-exp(w)), state ``[heads, value, key]`` float32 updated in place. Raises when unavailable."""
+    if device != "cuda":
+        raise RuntimeError("needs CUDA")
+    spec = importlib.util.find_spec("rwkv")
+    if spec is None:
+        raise RuntimeError("the `rwkv` package is not installed")
+    cuda_dir = Path(spec.origin).parent / "cuda"
+    from torch.utils.cpp_extension import load
+
+    load(name="wkv7s", sources=[str(cuda_dir / "rwkv7_op.cpp"), str(cuda_dir / "rwkv7.cu")], is_python_module=False,
+         verbose=False, extra_cuda_cflags=["-res-usage", "--use_fast_math", "-O3", "-Xptxas -O3",
+                                           "--extra-device-vectorization", f"-D_N_={head_dim}"])
+    ops = {torch.bfloat16: torch.ops.wkv7s.forward_bf16, torch.float16: torch.ops.wkv7s.forward_fp16,
+           torch.float32: torch.ops.wkv7s.forward_fp32}
+
+    def forward(r, w, k, v, a, b, state):
+        seq_len, channels = r.shape
+        y = torch.empty_like(r)
+        ops[r.dtype](1, seq_len, channels, channels // head_dim, state, r, w, k, v, a, b, y)
+        return y
+
+    return forward
+
+
+def official_inputs(r, log_decay, k, v, a, b):
+    """Our [batch, seq_len, heads, head_dim] inputs as the official kernel's per-sequence [seq_len, channels] ones."""
+    batch, seq_len = r.shape[:2]
+    w = (-log_decay).log().to(r.dtype)  # exp(-exp(w)) == exp(log_decay)
+    return [tuple(x[i].reshape(seq_len, -1).contiguous() for x in (r, w, k, v, a, b)) for i in range(batch)]
+
+
+def check_official(report, kernel, device, seed):
+    """Our forward against BlinkDL's official kernel on the same inputs (bfloat16, from a random state)."""
+    try:
+        official = official_kernel(device)
+    except Exception as error:
+        print(f"SKIP  official kernel comparison: {type(error).__name__}: {' '.join(str(error).split())[:200]}")
+        return None
+    r, log_decay, k, v, a, b, state, _ = random_inputs(2, 300, 4, 64, torch.bfloat16, device, seed)
+    y, final_state = kernel.wkv7(r, log_decay, k, v, a, b, state)
+    errors = {}
+    for i, inputs in enumerate(official_inputs(r, log_decay, k, v, a, b)):
+        live = state[i].clone()
+        official_y = official(*inputs, live).view_as(y[i])
+        errors[f"y[{i}]"] = relative_error(y[i], official_y)
+        errors[f"state[{i}]"] = relative_error(final_state[i], live)
+    report.check("forward vs official rwkv kernel bfloat16 B2 T300 H4 N64", errors, TOLERANCE[torch.bfloat16])
+    return official
+
+
+def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
     batch, seq_len, heads, head_dim = shape
     dtype = torch.bfloat16
     r, log_decay, k, v, a, b, _, _ = random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed=1234)
     dy = torch.randn_like(r)
-    elements = r.numel()
-    bandwidth = copy_bandwidth(device, reps)
-    floor_ms = 7 * elements * 2 / bandwidth * 1e3  # r, w, k, v, a, b in + y out, bfloat16
     tokens = batch * seq_len
-    print(f"\nTiming: B={batch} T={seq_len} H={heads} N={head_dim} bfloat16 (log_decay float32 for the kernel), "
-          f"median of {reps}; copy bandwidth {bandwidth / 1e9:.0f} GB/s; forward floor {floor_ms:.3f} ms")
+    print(f"\nTiming: B={batch} T={seq_len} H={heads} N={head_dim} (C={heads * head_dim}) bfloat16, median of {reps}; "
+          f"floors at the copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     rows = []
 
-    def add(impl, what, fn):
+    def add(impl, what, fn, moved_bytes):
         try:
             ms = measure(fn, device, reps)
         except Exception as error:  # an optional implementation that cannot run this case
-            print(f"  {impl:<22} {what:<26} skipped: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
+            print(f"  {impl:<22} {what:<24} skipped: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
             return
+        floor_ms = moved_bytes / bandwidth * 1e3
         rows.append({"impl": impl, "what": what, "ms": ms, "tokens_per_s": tokens / (ms * 1e-3),
-                     "x_forward_floor": ms / floor_ms})
+                     "bytes": moved_bytes, "floor_ms": floor_ms, "x_floor": ms / floor_ms})
 
+    state_bytes = batch * heads * head_dim * head_dim * 4
+    inputs = (r, log_decay, k, v, a, b)  # log_decay float32: what this kernel reads
     with torch.no_grad():
-        add("kernel", "forward (inference)", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False))
-        add("kernel", "forward (+checkpoints)", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True))
         _, _, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True)
-        add("kernel", "backward", lambda: kernel.ops.backward(r, log_decay, k, v, a, b, None, checkpoints, dy, None))
-        del checkpoints
-    add("kernel", "forward+backward", forward_and_backward(kernel.wkv7, (r, log_decay, k, v, a, b), dy))
+        forward_bytes = nbytes(*inputs, r) + state_bytes  # inputs in, y and the final state out
+        add("kernel", "forward", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False),
+            forward_bytes)
+        add("kernel", "forward (+checkpoints)", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True),
+            forward_bytes + nbytes(checkpoints))
+        backward_bytes = 2 * nbytes(*inputs) + nbytes(dy, checkpoints) + state_bytes  # inputs and dy in, grads out
+        add("kernel", "backward", lambda: kernel.ops.backward(r, log_decay, k, v, a, b, None, checkpoints, dy, None),
+            backward_bytes)
+    add("kernel", "forward+backward", forward_and_backward(kernel.wkv7, inputs, dy),
+        forward_bytes + nbytes(checkpoints) + backward_bytes)
+    del checkpoints
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -266,36 +338,74 @@ def bench(kernel, device, shape, reps) -> list[dict]:
         print(f"  chunked (PyTorch)      skipped: no wkv_chunked.wkv7_chunked ({type(error).__name__}: {error})")
     else:
         with torch.no_grad():
-            add("chunked (PyTorch)", "forward", lambda: chunked(r, log_decay, k, v, a, b))
-        add("chunked (PyTorch)", "forward+backward", forward_and_backward(chunked, (r, log_decay, k, v, a, b), dy))
+            add("chunked (PyTorch)", "forward", lambda: chunked(*inputs), forward_bytes)
+        add("chunked (PyTorch)", "forward+backward", forward_and_backward(chunked, inputs, dy),
+            forward_bytes + backward_bytes)
         if device == "cuda":
             torch.cuda.empty_cache()
+
+    if official is None:
+        print("  official (rwkv pkg)    skipped: BlinkDL's kernel unavailable (see the correctness section)")
+    else:
+        sequences = official_inputs(*inputs)
+        states = [torch.zeros(heads, head_dim, head_dim, device=device) for _ in sequences]
+
+        def run_official():
+            for sequence, state in zip(sequences, states):
+                official(*sequence, state)
+
+        add("official (rwkv pkg)", "forward (B calls of 1)", run_official,
+            nbytes(*(x for sequence in sequences for x in sequence), r) + state_bytes)
+        print("  official (rwkv pkg)    forward+backward: none (the rwkv package's kernel is inference-only)")
+        del sequences, states
 
     try:
         from fla.ops.rwkv7 import chunk_rwkv7
     except Exception as error:
         print(f"  fla chunk_rwkv7        skipped: cannot import fla ({type(error).__name__}: {error})")
     else:
-        w = log_decay.to(dtype)
+        w = log_decay.to(dtype)  # fla takes the log decay in the inputs' dtype
 
         def fla(r_, w_, k_, v_, a_, b_):
-            return chunk_rwkv7(r_, w_, k_, v_, a_, b_, scale=1.0, initial_state=None, output_final_state=True)
+            return chunk_rwkv7(r=r_, w=w_, k=k_, v=v_, a=a_, b=b_, scale=1.0, initial_state=None,
+                               output_final_state=True)
 
+        fla_inputs = (r, w, k, v, a, b)
         with torch.no_grad():
-            add("fla chunk_rwkv7", "forward", lambda: fla(r, w, k, v, a, b))
-        add("fla chunk_rwkv7", "forward+backward", forward_and_backward(fla, (r, w, k, v, a, b), dy))
+            add("fla chunk_rwkv7", "forward", lambda: fla(*fla_inputs), nbytes(*fla_inputs, r) + state_bytes)
+        add("fla chunk_rwkv7", "forward+backward", forward_and_backward(fla, fla_inputs, dy),
+            3 * nbytes(*fla_inputs) + nbytes(r, dy) + state_bytes)
 
-    print(f"  {'implementation':<22} {'pass':<26} {'ms':>9} {'Mtok/s':>8} {'x fwd floor':>11}")
+    print(f"  {'implementation':<22} {'pass':<24} {'ms':>9} {'Mtok/s':>8} {'GB moved':>9} {'floor ms':>9} {'x floor':>8}")
     for row in rows:
-        print(f"  {row['impl']:<22} {row['what']:<26} {row['ms']:>9.3f} {row['tokens_per_s'] / 1e6:>8.2f} "
-              f"{row['x_forward_floor']:>11.1f}")
-    return [dict(row, floor_ms=floor_ms, bandwidth_gbs=bandwidth / 1e9, shape=list(shape)) for row in rows]
+        print(f"  {row['impl']:<22} {row['what']:<24} {row['ms']:>9.3f} {row['tokens_per_s'] / 1e6:>8.2f} "
+              f"{row['bytes'] / 1e9:>9.2f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
+    return [dict(row, bandwidth_gbs=bandwidth / 1e9, shape=list(shape)) for row in rows]
+
+
+def sanitize_workload(kernel, device):
+    """Every op once on tiny shapes (the compute-sanitizer workload); no reference, no timing."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for head_dim in (16, 32, 64):
+            r, log_decay, k, v, a, b, state, reset = random_inputs(2, 37, 2, head_dim, dtype, device, seed=head_dim,
+                                                                   reset_rate=0.1)
+            y, final_state, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, state, reset, True)
+            kernel.ops.backward(r, log_decay, k, v, a, b, reset, checkpoints, torch.ones_like(y),
+                                torch.ones_like(final_state))
+            kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False)
+            kernel.wkv7_decode_step(*(x[:, 0] for x in (r, log_decay, k, v, a, b)), state.clone())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print("sanitize workload done: forward (with and without checkpoints), backward, decode step; float32, "
+          "bfloat16, float16; head sizes 16, 32, 64")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of this script")
-    parser.add_argument("--bench-shape", default="8,4096,32,64", help="B,T,H,N of the timing case")
+    parser.add_argument("--sanitize", action="store_true", help="only the tiny compute-sanitizer workload")
+    parser.add_argument("--bench-shapes", nargs="*", default=["8,4096,64,64", "8,4096,32,64"],
+                        help="B,T,H,N of each timing case (none: no timing)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -307,6 +417,9 @@ def main():
     print(f"device {name}; torch {torch.__version__} (CUDA {torch.version.cuda})")
     kernel, how = load_kernel(device)
     print(f"kernel: {how}")
+    if args.sanitize:
+        sanitize_workload(kernel, device)
+        return
     wkv = project_module("wkv")
 
     report = Report()
@@ -319,9 +432,13 @@ def main():
     check_sequence(report, kernel, wkv.wkv7_recurrent, device, 2, 1, 2, 64, torch.float32, 0.0, seed=22)
     for index, dtype in enumerate(dtypes):
         check_decode(report, kernel, wkv, device, dtype, seed=30 + index)
+    official = check_official(report, kernel, device, seed=40)
     print(f"{len(report.rows) - report.failures}/{len(report.rows)} checks passed in {time.time() - started:.0f} s")
 
-    timings = bench(kernel, device, tuple(int(x) for x in args.bench_shape.split(",")), args.reps)
+    bandwidth = copy_bandwidth(device, args.reps)
+    timings = [row for shape in args.bench_shapes
+               for row in bench(kernel, official, device, tuple(int(x) for x in shape.split(",")), args.reps,
+                                bandwidth)]
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "kernel": how,
                                          "checks": report.rows, "timings": timings}, indent=2))

@@ -406,3 +406,16 @@ def test_cuda_sources_compile_for_every_declared_capability():
                 assert f"{arch} {kernel_name} N=64 {dtype}" in output, output
     assert "ok: c++ -fsyntax-only -DCUDA_KERNEL csrc/wkv7_cuda_ops.cpp (includes: csrc)" in output
     assert "ok: c++ -fsyntax-only -DCUDA_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output
+
+
+def test_gpu_check_feeds_the_official_kernel_the_same_decay():
+    """scripts/gpu_check.py times BlinkDL's kernel, which takes w with decay = exp(-exp(w)) and one [seq_len,
+    channels] sequence per call: the converted inputs carry the same decay and values."""
+    r, log_decay, k, v, a, b, _, _ = wkv_inputs(2, 9, 3, 16, seed=61)
+    sequences = gpu_check.official_inputs(r, log_decay, k, v, a, b)
+    assert len(sequences) == 2
+    for index, sequence in enumerate(sequences):
+        assert all(x.shape == (9, 48) and x.is_contiguous() for x in sequence)
+        for converted, original in zip(sequence[:1] + sequence[2:], (r, k, v, a, b)):
+            assert torch.equal(converted, original[index].reshape(9, 48))
+        assert_close(torch.exp(-torch.exp(sequence[1])), log_decay[index].reshape(9, 48).exp(), 1e-6, "decay")
