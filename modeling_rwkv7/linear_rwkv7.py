@@ -10,6 +10,7 @@ and keeps the fastest for the rest of the process (`few_row_choices`, logged onc
 compute the same values up to float32 summation order, so a wrong decision can only cost speed.
 """
 
+import itertools
 import math
 import os
 import time
@@ -28,7 +29,7 @@ GEMV_MAX_ROWS = 16
 # not from cache (more than the L3 of the CPUs met so far: 32 MiB on the AMD EPYC); larger ones are timed in place.
 _STREAM_BYTES = 64 << 20
 _TIMED_PASSES = 3
-_MEASURE_BUDGET_S = 0.2  # a measurement stops after the pass that exceeds this (at least one timed pass)
+_PASS_SECONDS = 0.004  # a pass ends after the product that exceeds this (or after every copy once)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -85,9 +86,10 @@ def _busy_cpu_seconds() -> float:
 
 def measure_few_row_products(weight: torch.Tensor, rows: int) -> FewRowChoice:
     """Time every `FEW_ROW_PRODUCTS` candidate on `rows` rows against weights of `weight`'s shape and dtype streamed
-    from memory; the fastest (min over up to `_TIMED_PASSES` passes, candidates interleaved) is the choice. A
-    measurement during which other processes kept a core busy half the time is taken again (once, within
-    `_MEASURE_BUDGET_S`): on a 2-core machine such load slows threaded products tens of times."""
+    from memory (a ring of copies larger than the cache, or the weight itself when it is that large). Each
+    candidate gets a warm-up and `_TIMED_PASSES` passes of about `_PASS_SECONDS`, interleaved; the fastest (min
+    over passes) is the choice. A measurement during which other processes kept a core busy half the time is taken
+    again, once: on a 2-core machine such load slows threaded products tens of times."""
     out_features, in_features = weight.shape
     weight_bytes = weight.numel() * weight.element_size()
     if weight_bytes >= _STREAM_BYTES:
@@ -95,27 +97,32 @@ def measure_few_row_products(weight: torch.Tensor, rows: int) -> FewRowChoice:
     else:
         copies = torch.zeros(-(-_STREAM_BYTES // weight_bytes), out_features, in_features, dtype=weight.dtype)
         weights = list(copies.unbind(0))
+    ring = itertools.cycle(weights)  # each product reads the next copy, so none is still in cache
     inputs = torch.full((rows, in_features), 0.5, dtype=weight.dtype)  # values do not matter; no global RNG draw
-    choice, start = None, time.perf_counter()
+
+    def seconds_per_product(product) -> float:
+        count, start = 0, time.perf_counter()
+        while True:
+            product(inputs, next(ring))
+            count, elapsed = count + 1, time.perf_counter() - start
+            if elapsed > _PASS_SECONDS or count == len(weights):
+                return elapsed / count
+
+    choice = None
     for _attempt in range(2):
         seconds = dict.fromkeys(FEW_ROW_PRODUCTS, math.inf)
-        busy_before, own_before, attempt_start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+        busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
         with torch.no_grad():
-            for timed_pass in range(_TIMED_PASSES + 1):  # pass 0 warms up (and touches the copies' pages)
+            for timed_pass in range(_TIMED_PASSES + 1):  # pass 0 warms up
                 for name, product in FEW_ROW_PRODUCTS.items():
-                    pass_start = time.perf_counter()
-                    for w in weights:
-                        product(inputs, w)
+                    elapsed = seconds_per_product(product)
                     if timed_pass:
-                        seconds[name] = min(seconds[name], (time.perf_counter() - pass_start) / len(weights))
-                if timed_pass and time.perf_counter() - start > _MEASURE_BUDGET_S:
-                    break
-        wall = time.perf_counter() - attempt_start
+                        seconds[name] = min(seconds[name], elapsed)
+        wall = time.perf_counter() - start
         other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
         if choice is None or other_cpu < choice.other_cpu_seconds:
             choice = FewRowChoice(min(seconds, key=seconds.get), seconds, torch.get_num_threads(), other_cpu)
-        # not again when the machine was idle enough (or /proc is missing: nan), or the budget is spent
-        if not other_cpu > 0.5 * wall or time.perf_counter() - start > _MEASURE_BUDGET_S:
+        if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
             break
     return choice
 

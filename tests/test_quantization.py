@@ -1,0 +1,114 @@
+"""Issue 11: bfloat16 weights (float32 recurrent state) and torchao int8 weight-only projections.
+
+bfloat16 is held to the official package's own bfloat16 error; int8 to the same model with its weights
+dequantized (the quantized product must compute exactly what its int8 values say) and, loosely, to float32."""
+
+import oracle
+import pytest
+import torch
+
+from modeling_rwkv7 import RWKV7ForCausalLM
+from modeling_rwkv7.convert_rwkv7 import official_to_hf
+from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def rms_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| over all entries (steadier than the max for bfloat16 rounding)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def test_bfloat16_logits_are_within_the_official_bfloat16_error(official_checkpoint):
+    """Our bfloat16 model against the official float32 logits errs (RMS) at most 1.5x what the official bfloat16
+    model does (the same random checkpoint, 48 tokens, prefill and decoding), and its recurrent state stays
+    float32."""
+    state_dict, path, official_fp32 = official_checkpoint
+    official_bf16 = oracle.load_oracle(path, strategy="cpu bf16")
+    tokens = torch.randint(0, 1000, (48,), generator=torch.Generator().manual_seed(11)).tolist()
+    expected, _ = oracle.oracle_logits(official_fp32, tokens)
+    official_error = rms_relative_error(oracle.oracle_logits(official_bf16, tokens)[0], expected)
+
+    config, hf_state_dict = official_to_hf(state_dict)
+    model = RWKV7ForCausalLM(config)
+    model.load_state_dict(hf_state_dict, strict=True)
+    model = model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        output = model(torch.tensor([tokens]), use_cache=True)
+        cache = model.init_cache(batch_size=1)  # decoding token by token: the few-row products
+        decoded = torch.cat([model(torch.tensor([[t]]), past_key_values=cache).logits for t in tokens[:8]], dim=1)
+    assert output.logits.dtype == torch.bfloat16 and output.logits.shape == (1, 48, 1000)
+    assert all(layer.recurrent_state.dtype == torch.float32 for layer in output.past_key_values.layers)
+    ours_error = rms_relative_error(output.logits[0], expected)
+    assert 0 < official_error < 0.1
+    assert ours_error <= 1.5 * official_error, (ours_error, official_error)
+    official_state, official_decoded = None, []
+    for token in tokens[:8]:  # the official RNN path, in bfloat16
+        logits, official_state = oracle.oracle_logits(official_bf16, [token], official_state)
+        official_decoded.append(logits)
+    official_decode_error = rms_relative_error(torch.cat(official_decoded), expected[:8])
+    assert rms_relative_error(decoded[0], expected[:8]) <= 1.5 * official_decode_error
+
+
+@pytest.fixture(scope="module")
+def int8_pair(official_checkpoint, tmp_path_factory):
+    """(float32 model, the same folder loaded with TorchAoConfig(Int8WeightOnlyConfig()), the vocabulary head
+    included: transformers keeps the output embedding unquantized unless `modules_to_not_convert` is given)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    config, hf_state_dict = official_to_hf(official_checkpoint[0])
+    model = RWKV7ForCausalLM(config)
+    model.load_state_dict(hf_state_dict, strict=True)
+    folder = tmp_path_factory.mktemp("int8")
+    model.save_pretrained(folder)
+    quantized = RWKV7ForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[])
+    )
+    return model.eval(), quantized.eval()
+
+
+def test_int8_weights_load_into_every_projection_and_nothing_else(int8_pair):
+    """Every projection matrix holds int8 values with per-row scales; norms, mixes, decay/learning-rate biases and
+    the recurrent state stay float32."""
+    _, quantized = int8_pair
+    projections = [m for m in quantized.modules() if isinstance(m, RWKV7Linear)]
+    assert projections and all(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in projections)
+    assert all(m.weight.qdata.dtype == torch.int8 for m in projections)
+    projection_weights = {id(m.weight) for m in projections}
+    others = [p for p in quantized.parameters() if id(p) not in projection_weights]
+    assert others and all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in others)
+    with torch.no_grad():
+        cache = quantized(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    assert all(layer.recurrent_state.dtype == torch.float32 for layer in cache.layers)
+
+
+def test_int8_model_computes_its_dequantized_weights_and_stays_near_float32(int8_pair):
+    """Prefill and token-by-token decoding of the int8 model equal the float32 model holding the dequantized
+    weights (to float32 rounding); against the original float32 weights the logits move by int8 rounding only."""
+    model, quantized = int8_pair
+    dequantized = RWKV7ForCausalLM(model.config)
+    dequantized.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, RWKV7Linear):
+                dequantized.get_submodule(name).weight.copy_(module.weight.dequantize())
+    dequantized.eval()
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = dequantized(tokens).logits
+        prefill = quantized(tokens).logits
+        cache = quantized.init_cache(batch_size=2)
+        decoded = torch.cat([quantized(tokens[:, t : t + 1], past_key_values=cache).logits for t in range(24)], dim=1)
+        original = model(tokens).logits
+    assert prefill.shape == decoded.shape == (2, 24, 1000)
+    assert max_relative_error(prefill, expected) < 1e-5
+    assert max_relative_error(decoded, expected) < 1e-5
+    int8_error = max_relative_error(prefill, original)
+    assert 1e-4 < int8_error < 0.05  # really quantized, and only by rounding to 255 levels per row
