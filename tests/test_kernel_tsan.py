@@ -160,8 +160,9 @@ def test_threaded_blocks_equal_serial_and_match_the_reference(harness, tmp_path,
 
 
 # Each entry leaves out one barrier, named by program and the index of the sync() call in a run of it (seq_len 20:
-# chunks of 16 and 4 tokens, an initial state; the backward walks the last chunk first). Every barrier of the
-# programs is needed except the backward's very last one (only register-to-global stores follow it).
+# chunks of 16 and 4 tokens, an initial state; the backward walks the last chunk first, each chunk in spans of 8
+# steps). Every barrier of the programs is needed except the backward's very last one (only register-to-global
+# stores follow it).
 REQUIRED_BARRIERS = {
     "forward:0": "after the initial state's columns are in shared memory",
     "forward:1": "before staging the first chunk (the initial state's rows are still read)",
@@ -180,7 +181,9 @@ REQUIRED_BARRIERS = {
     "backward:2": "after the chunk's last step (its G b in dsb_buf)",
     "backward:5": "after the chunk's first step, before staging the previous chunk",
     "backward:6": "after staging the first chunk",
-    "backward:7": "after the first chunk's row pass",
+    "backward:7": "after the row pass of the first chunk's second span",
+    "backward:15": "after the second span's first step (the next row pass overwrites the kept states)",
+    "backward:16": "after the row pass of the first chunk's first span",
 }
 
 

@@ -13,9 +13,11 @@
 //
 // Forward: thread n owns row n of the state (value n) in registers.
 // Backward: the gradient G = dL/dS is kept in both orientations (thread n owns row n and column n). The states P_t
-// are recomputed exactly from the forward's checkpoints (one every kChunk steps): a row pass over the chunk keeps
-// one state every kSubChunk steps in shared memory together with sa_t = P_t a_t, and each step rebuilds column n
-// of its P_t element by element from the nearest kept state (at most kSubChunk - 1 elementwise steps).
+// are recomputed exactly from the forward's checkpoints (one every kChunk steps). The chunk is walked backwards in
+// spans of kSpan steps: a row pass from the checkpoint to the end of the span keeps one state of the span every
+// kSubChunk steps in shared memory together with sa_t = P_t a_t, and each step rebuilds column n of its P_t element
+// by element from the nearest kept state (at most kSubChunk - 1 elementwise steps). Keeping the states of a span
+// instead of the whole chunk holds the shared memory under 64 KiB at N = 64, for kChunk / kSpan - 1 extra row passes.
 #pragma once
 
 #include <math.h>
@@ -31,10 +33,11 @@
 
 namespace wkv7 {
 
-constexpr int kChunk = 16;    // steps between two state checkpoints of the forward
+constexpr int kChunk = 16;    // steps between two state checkpoints of the forward; the unit of staged inputs
+constexpr int kSpan = 8;      // backward: steps whose states are kept in shared memory at a time
 constexpr int kSubChunk = 4;  // backward: steps between two in-block copies of the state
 constexpr int kHeadSizes[] = {16, 32, 64};  // the head sizes (N) the kernels are built for
-static_assert(kChunk % kSubChunk == 0, "a chunk must hold a whole number of sub-chunks");
+static_assert(kChunk % kSpan == 0 && kSpan % kSubChunk == 0, "a chunk holds whole spans, a span whole sub-chunks");
 static_assert(kSubChunk == 4, "backward_block dispatches column_step for 0 to 3 replayed steps");
 
 // Float conversion of an input element type: float itself, and CUDA's __half and __nv_bfloat16 (round to nearest
@@ -146,10 +149,10 @@ template <int N>
 struct BackwardSmem {
   static constexpr int kRowStride = N + 1;  // padded: row-wise writes and column-wise reads avoid bank conflicts
   static constexpr int kStaged = 0;
-  static constexpr int kSa = kStaged + kBwdVectors * kChunk * N;  // sa_t = P_t a_t          [kChunk][N]
-  static constexpr int kDsb = kSa + kChunk * N;                   // G_t b_t of 2 steps      [2][N]
-  static constexpr int kStates = kDsb + 2 * N;                    // P_t every kSubChunk     [kChunk/kSubChunk][N][N+1]
-  static constexpr int kReset = kStates + (kChunk / kSubChunk) * N * kRowStride;
+  static constexpr int kSa = kStaged + kBwdVectors * kChunk * N;  // sa_t = P_t a_t of a span [kSpan][N]
+  static constexpr int kDsb = kSa + kSpan * N;                    // G_t b_t of 2 steps       [2][N]
+  static constexpr int kStates = kDsb + 2 * N;                    // P_t every kSubChunk      [kSpan/kSubChunk][N][N+1]
+  static constexpr int kReset = kStates + (kSpan / kSubChunk) * N * kRowStride;
   static constexpr int kFloats = kReset + kChunk;
 };
 
@@ -339,9 +342,10 @@ struct ColumnGrads {
 };
 
 // The column terms of step s for thread n, and column n of G moved to step s - 1 (without dy_{s-1} r_{s-1}^T).
-// Column n of P_s is rebuilt element by element from the state kept `Replay` steps earlier.
+// Column n of P_s is rebuilt element by element from the state kept `Replay` steps earlier (kept_column), with
+// sa_kept the sa of steps s - Replay to s ([Replay + 1][N] rows of sa_buf).
 template <int N, int Replay>
-WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, const float* sa_buf,
+WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, const float* sa_kept,
                                 const float* dsb, const float* reset_flags, const float* kept_column, int s, int n) {
   static_assert(Replay < kSubChunk, "a state is kept every kSubChunk steps");
   constexpr int kStride = BackwardSmem<N>::kRowStride;
@@ -357,7 +361,7 @@ WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, 
   }
   const float* v = staged + (kV * kChunk + s) * N;
   const float* dy = staged + (kDy * kChunk + s) * N;
-  const float* sa = sa_buf + s * N;
+  const float* sa = sa_kept + Replay * N;
   const float w_n = staged[(kW * kChunk + s) * N + n], k_n = staged[(kK * kChunk + s) * N + n];
   const float a_n = staged[(kA * kChunk + s) * N + n], b_n = staged[(kB * kChunk + s) * N + n];
   const bool reset_here = reset_flags[s] != 0.f;
@@ -368,10 +372,9 @@ WKV7_HD ColumnGrads column_step(BackwardThread<N>& thread, const float* staged, 
     float prev = kept_column[i * kStride];
     WKV7_UNROLL
     for (int q = 0; q < Replay; ++q) {
-      const int u = kept + q;
       prev = replay_zero[q] ? 0.f
-                            : prev * replay_w[q] + (sa_buf[u * N + i] * replay_b[q] +
-                                                    staged[(kV * kChunk + u) * N + i] * replay_k[q]);
+                            : prev * replay_w[q] + (sa_kept[q * N + i] * replay_b[q] +
+                                                    staged[(kV * kChunk + kept + q) * N + i] * replay_k[q]);
     }
     const float grad = thread.grad_col[i];
     dr[i % 2] += (prev * w_n + (sa[i] * b_n + v[i] * k_n)) * dy[i];  // S_s = P_s diag(w) + sa b^T + v k^T
@@ -426,62 +429,76 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
     });
     block.sync();
 
-    // Row pass: recompute the chunk's states from its checkpoint (thread n: row n); keep P_s every kSubChunk
-    // steps and sa_s = P_s a_s for every step. Then the output gradient of the last step (no sync between: it
-    // reads only the staged inputs and writes only dsb_buf).
-    block.each_thread([&](int n, BackwardThread<N>& thread) {
-      float row[N];
-      const float* checkpoint = args.checkpoints + (bh * chunks + c) * N * N;
-      WKV7_UNROLL
-      for (int j = 0; j < N; ++j) row[j] = checkpoint[j * N + n];
-      for (int s = 0; s < len; ++s) {
-        const float* w = staged + (kW * kChunk + s) * N;
-        const float* k = staged + (kK * kChunk + s) * N;
-        const float* a = staged + (kA * kChunk + s) * N;
-        const float* b = staged + (kB * kChunk + s) * N;
-        const float v = staged[(kV * kChunk + s) * N + n];
-        if (reset_flags[s] != 0.f) fill_zero<N>(row);
-        if (s % kSubChunk == 0) {
-          float* kept = states + ((s / kSubChunk) * N + n) * kStride;
-          WKV7_UNROLL
-          for (int j = 0; j < N; ++j) kept[j] = row[j];
-        }
-        const float sa = dot<N>(row, a);
-        sa_buf[s * N + n] = sa;
-        WKV7_UNROLL
-        for (int j = 0; j < N; ++j) row[j] = row[j] * w[j] + (sa * b[j] + v * k[j]);
-      }
-      add_output_gradient<N>(thread, staged, dsb_buf, args.dv + first + (len - 1) * step_stride + n, len - 1, n);
-    });
-    block.sync();
+    for (int span_start = (len - 1) / kSpan * kSpan; span_start >= 0; span_start -= kSpan) {
+      const int span_end = span_start + kSpan < len ? span_start + kSpan : len;
 
-    for (int s = len - 1; s >= 0; --s) {
+      // Row pass: recompute the states from the chunk's checkpoint (thread n: row n) up to the end of the span;
+      // keep the span's P_s every kSubChunk steps and its sa_s = P_s a_s. The chunk's last span then adds the
+      // output gradient of the chunk's last step (no sync between: it reads only the staged inputs and writes only
+      // dsb_buf); the other spans' last step got it from the step after it.
       block.each_thread([&](int n, BackwardThread<N>& thread) {
-        const float* w = staged + (kW * kChunk + s) * N;
-        const float* a = staged + (kA * kChunk + s) * N;
-        const float* dsb = dsb_buf + (s % 2) * N;  // written for step s, while step s - 1 writes the other half
-        const bool reset_here = reset_flags[s] != 0.f;
-        const float* kept_column = states + (s / kSubChunk) * N * kStride + n;
-        ColumnGrads grads;
-        switch (s % kSubChunk) {  // the number of steps between the kept state and P_s
-          case 0: grads = column_step<N, 0>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
-          case 1: grads = column_step<N, 1>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
-          case 2: grads = column_step<N, 2>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
-          default: grads = column_step<N, 3>(thread, staged, sa_buf, dsb, reset_flags, kept_column, s, n); break;
-        }
-        const float dsb_n = dsb[n];
+        float row[N];
+        const float* checkpoint = args.checkpoints + (bh * chunks + c) * N * N;
         WKV7_UNROLL
-        for (int j = 0; j < N; ++j) thread.grad_row[j] = reset_here ? 0.f : thread.grad_row[j] * w[j] + dsb_n * a[j];
-
-        const int64_t offset = first + s * step_stride + n;
-        args.dr[offset] = Convert<T>::from_float(grads.dr);
-        args.dk[offset] = Convert<T>::from_float(grads.dk);
-        args.db[offset] = Convert<T>::from_float(grads.db);
-        args.da[offset] = Convert<T>::from_float(grads.da);
-        args.dlog_decay[offset] = grads.dw * w[n];
-        if (s > 0) add_output_gradient<N>(thread, staged, dsb_buf, args.dv + offset - step_stride, s - 1, n);
+        for (int j = 0; j < N; ++j) row[j] = checkpoint[j * N + n];
+        for (int s = 0; s < span_end; ++s) {
+          const float* w = staged + (kW * kChunk + s) * N;
+          const float* k = staged + (kK * kChunk + s) * N;
+          const float* a = staged + (kA * kChunk + s) * N;
+          const float* b = staged + (kB * kChunk + s) * N;
+          const float v = staged[(kV * kChunk + s) * N + n];
+          if (reset_flags[s] != 0.f) fill_zero<N>(row);
+          const bool in_span = s >= span_start;
+          if (in_span && s % kSubChunk == 0) {
+            float* kept = states + (((s - span_start) / kSubChunk) * N + n) * kStride;
+            WKV7_UNROLL
+            for (int j = 0; j < N; ++j) kept[j] = row[j];
+          }
+          const float sa = dot<N>(row, a);
+          if (in_span) sa_buf[(s - span_start) * N + n] = sa;
+          WKV7_UNROLL
+          for (int j = 0; j < N; ++j) row[j] = row[j] * w[j] + (sa * b[j] + v * k[j]);
+        }
+        if (span_end == len) {
+          add_output_gradient<N>(thread, staged, dsb_buf, args.dv + first + (len - 1) * step_stride + n, len - 1, n);
+        }
       });
-      block.sync();  // (G_{s-1} b_{s-1}) of every thread is in dsb_buf; after step 0 the chunk is done
+      block.sync();
+
+      for (int s = span_end - 1; s >= span_start; --s) {
+        block.each_thread([&](int n, BackwardThread<N>& thread) {
+          const float* w = staged + (kW * kChunk + s) * N;
+          const float* a = staged + (kA * kChunk + s) * N;
+          const float* dsb = dsb_buf + (s % 2) * N;  // written for step s, while step s - 1 writes the other half
+          const bool reset_here = reset_flags[s] != 0.f;
+          const int kept = (s - span_start) / kSubChunk * kSubChunk;  // span-relative step of the kept state
+          const float* kept_column = states + (kept / kSubChunk) * N * kStride + n;
+          const float* sa_kept = sa_buf + kept * N;
+          ColumnGrads grads;
+          switch (s % kSubChunk) {  // the number of steps between the kept state and P_s
+            case 0: grads = column_step<N, 0>(thread, staged, sa_kept, dsb, reset_flags, kept_column, s, n); break;
+            case 1: grads = column_step<N, 1>(thread, staged, sa_kept, dsb, reset_flags, kept_column, s, n); break;
+            case 2: grads = column_step<N, 2>(thread, staged, sa_kept, dsb, reset_flags, kept_column, s, n); break;
+            default: grads = column_step<N, 3>(thread, staged, sa_kept, dsb, reset_flags, kept_column, s, n); break;
+          }
+          const float dsb_n = dsb[n];
+          WKV7_UNROLL
+          for (int j = 0; j < N; ++j) {
+            thread.grad_row[j] = reset_here ? 0.f : thread.grad_row[j] * w[j] + dsb_n * a[j];
+          }
+
+          const int64_t offset = first + s * step_stride + n;
+          args.dr[offset] = Convert<T>::from_float(grads.dr);
+          args.dk[offset] = Convert<T>::from_float(grads.dk);
+          args.db[offset] = Convert<T>::from_float(grads.db);
+          args.da[offset] = Convert<T>::from_float(grads.da);
+          args.dlog_decay[offset] = grads.dw * w[n];
+          if (s > 0) add_output_gradient<N>(thread, staged, dsb_buf, args.dv + offset - step_stride, s - 1, n);
+        });
+        // (G_{s-1} b_{s-1}) of every thread is in dsb_buf; after the span's first step, the next row pass may
+        // overwrite the kept states, and after the chunk's first step the next chunk may be staged
+        block.sync();
+      }
     }
   }
 
