@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 from transformers.generation import GenerationConfig
 
 WKV_BACKENDS = ("auto", "recurrent", "chunked", "kernel")
+WKV_STATE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Keys the base `PreTrainedConfig.__post_init__` consumes itself.
 _BASE_CONFIG_KEYS = {
@@ -39,6 +40,12 @@ _FLA_IGNORED_KEYS = {
     "attn",
 }
 _FLA_FIXED_VALUES = {"hidden_act": "sqrelu", "norm_first": True, "norm_bias": True}
+
+# Keys of transformers' own RWKV-7 config (`Rwkv7Config`) that are not ours: `use_deep_embed` must be False (the
+# RWKV-8 DeepEmbed vectors are a forward input this model does not take); `wkv_implementation` names one of its WKV
+# functions, which all compute the same recurrence (ours is chosen with `wkv_backend`). `num_heads`, `norm_bias` and
+# `max_position_embeddings` are handled with the fla-hub keys.
+_NATIVE_WKV_IMPLEMENTATIONS = ("eager", "chunked")
 
 
 def default_low_rank_dim(hidden_size: int, factor: float) -> int:
@@ -78,6 +85,11 @@ class RWKV7Config(PreTrainedConfig):
         wkv_backend (`str`, defaults to `"auto"`):
             WKV implementation: `"auto"` (the CUDA kernel when it loads, else the chunked form for long sequences and
             the recurrence for short ones), `"recurrent"`, `"chunked"` or `"kernel"` (error if it cannot load).
+        wkv_state_dtype (`str`, defaults to `"float32"`):
+            Dtype the recurrent WKV state (`[batch, heads, head_dim, head_dim]` per layer) is carried in between tokens
+            and calls, whatever the activation dtype: `"float32"` (the reference), or `"bfloat16"` / `"float16"` to
+            halve the state's memory. A narrow state is rounded at every token, so the outputs drift from the float32
+            run as the sequence grows.
         kernel_repo (`str`, *optional*):
             Kernel-hub repository this checkpoint suggests for the CUDA WKV kernel. A hint only: it is never fetched
             because a config names it. Hub kernels run only after the user's own opt-in, pinned to a commit
@@ -102,6 +114,7 @@ class RWKV7Config(PreTrainedConfig):
     dropout: float = 0.0
     window_size: int | None = None
     wkv_backend: str = "auto"
+    wkv_state_dtype: str = "float32"
     kernel_repo: str | None = None
     use_cache: bool = True
     pad_token_id: int | None = 0
@@ -130,8 +143,21 @@ class RWKV7Config(PreTrainedConfig):
         return set(cls.__annotations__)
 
     def _absorb_fla_keys(self, kwargs: dict) -> dict:
-        """Translate the keys of fla-hub RWKV-7 configs (hidden_ratio, num_heads, value_dim, ...) into ours."""
+        """Translate the keys of fla-hub RWKV-7 configs (hidden_ratio, num_heads, value_dim, ...) and of transformers'
+        own RWKV-7 config (use_deep_embed, wkv_implementation) into ours."""
         kwargs = dict(kwargs)
+        deep_embed = kwargs.pop("use_deep_embed", False)
+        if deep_embed is not False:
+            raise ValueError(
+                f"use_deep_embed={deep_embed!r} is not supported: this model has no RWKV-8 DeepEmbed input "
+                "(`deep_embeds`); only use_deep_embed=False configs load."
+            )
+        implementation = kwargs.pop("wkv_implementation", None)
+        if implementation is not None and implementation not in _NATIVE_WKV_IMPLEMENTATIONS:
+            raise ValueError(
+                f"wkv_implementation={implementation!r} is not a WKV function this model knows "
+                f"({_NATIVE_WKV_IMPLEMENTATIONS}); choose its WKV implementation with wkv_backend={WKV_BACKENDS}."
+            )
         for key in _FLA_IGNORED_KEYS:
             kwargs.pop(key, None)
         for key, expected in _FLA_FIXED_VALUES.items():
@@ -181,6 +207,10 @@ class RWKV7Config(PreTrainedConfig):
             raise ValueError(f"RWKV7Config.norm_eps must be > 0, got {self.norm_eps!r}.")
         if self.wkv_backend not in WKV_BACKENDS:
             raise ValueError(f"RWKV7Config.wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}.")
+        if self.wkv_state_dtype not in WKV_STATE_DTYPES:
+            raise ValueError(
+                f"RWKV7Config.wkv_state_dtype must be one of {WKV_STATE_DTYPES}, got {self.wkv_state_dtype!r}."
+            )
 
     @property
     def num_heads(self) -> int:

@@ -242,6 +242,8 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV7Block"]
     _is_stateful = True
+    # layer 0's value-residual LoRA, stored (unused) by official and native-layout checkpoints; layer 0 has none
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)layers\.0\.attn\.v_lora\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
