@@ -15,7 +15,14 @@ from safetensors.torch import save_file
 
 import modeling_rwkv7  # noqa: F401  (registers rwkv7 with the Auto classes)
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from modeling_rwkv7.convert_rwkv7 import CheckpointError, config_from_official, convert_checkpoint, official_to_hf
+from modeling_rwkv7.convert_rwkv7 import (
+    CheckpointError,
+    config_from_official,
+    convert_checkpoint,
+    hf_to_native,
+    main,
+    official_to_hf,
+)
 from transformers import AutoModelForCausalLM
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -165,8 +172,11 @@ def test_converts_both_ways(weights, tmp_path):
     torch.testing.assert_close(logits_of(model, tokens), expected, rtol=0, atol=1e-4)
 
     # ours -> native: the official tensors under `rwkv7.` (layer 0's unused v0/v1/v2 as zeros), its config keys
-    native = convert_checkpoint(from_official, tmp_path / "back", layout="native", dtype="float32")
+    main([str(from_official), str(tmp_path / "back"), "--layout", "native", "--dtype", "float32"])
+    native = tmp_path / "back"
     written = folder_tensors(native)
+    in_memory = hf_to_native(ours, RWKV7Config.from_pretrained(from_official))
+    assert in_memory.keys() == written.keys() and all(torch.equal(in_memory[n], t) for n, t in written.items())
     source = {("head.weight" if k == "head.weight" else "rwkv7." + k): v for k, v in state_dict.items()}
     assert written.keys() == source.keys()
     for name, tensor in written.items():
