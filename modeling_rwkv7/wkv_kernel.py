@@ -137,7 +137,7 @@ def _load(repo_id: Optional[str], path: Optional[Path], hub: Optional[HubKernel]
         _report(f"RWKV-7 WKV: the checkpoint's kernel_repo {repo_id!r} is ignored; the trusted Hub kernel is "
                 f"{hub.repo_id}@{hub.revision}")
     if not torch.cuda.is_available():
-        return None, f"no CUDA device for the Hub kernel {hub.repo_id} (a local build can be given with {KERNEL_PATH_ENV})"
+        return None, f"no CUDA device for the Hub kernel {hub.repo_id} (a local build: {KERNEL_PATH_ENV})"
     try:
         module = fetch_pinned_kernel(hub)
     except RuntimeError as error:

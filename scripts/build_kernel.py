@@ -405,7 +405,8 @@ def check_sources(backend: str) -> None:
             # Generated at torch's own build and absent from CPU wheels; its one macro only affects symbol visibility.
             stand_in = temp / "system"
             (stand_in / "c10" / "cuda" / "impl").mkdir(parents=True)
-            (stand_in / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+            macros = stand_in / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+            macros.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
             system += [str(stand_in), str(cuda_home / "include")]
         macro = "-DCUDA_KERNEL" if backend == "cuda" else "-DCPU_KERNEL"
 

@@ -376,7 +376,8 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
         add("fla chunk_rwkv7", "forward+backward", forward_and_backward(fla, fla_inputs, dy),
             3 * nbytes(*fla_inputs) + nbytes(r, dy) + state_bytes)
 
-    print(f"  {'implementation':<22} {'pass':<24} {'ms':>9} {'Mtok/s':>8} {'GB moved':>9} {'floor ms':>9} {'x floor':>8}")
+    print(f"  {'implementation':<22} {'pass':<24} {'ms':>9} {'Mtok/s':>8} {'GB moved':>9} {'floor ms':>9} "
+          f"{'x floor':>8}")
     for row in rows:
         print(f"  {row['impl']:<22} {row['what']:<24} {row['ms']:>9.3f} {row['tokens_per_s'] / 1e6:>8.2f} "
               f"{row['bytes'] / 1e9:>9.2f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")

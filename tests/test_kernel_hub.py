@@ -11,6 +11,7 @@
   convention with the reference recurrence, since Triton needs a GPU).
 """
 
+import importlib.util
 import logging
 import re
 import shutil
@@ -78,6 +79,14 @@ def tokens(seed: int, batch: int = 2, seq_len: int = 37) -> torch.Tensor:
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert actual.shape == expected.shape
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def gpu_check_random_inputs(*args, **kwargs):
+    """scripts/gpu_check.py's WKV inputs at RWKV-7's scale (the ones tests/test_kernel.py draws)."""
+    spec = importlib.util.spec_from_file_location("rwkv7_gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.random_inputs(*args, **kwargs)
 
 
 def warnings_of(caplog) -> list[str]:
@@ -266,3 +275,22 @@ def test_the_fla_mapping_converts_layouts(clean_loader, monkeypatch):
             model.model.layers[0].attn.wkv(x, -x.abs(), x, x, x, x, None, torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="revision 'v2' of kernels-community/fla is not a full commit hash"):
         wkv_kernel.FlaWKVRepository(revision="v2")
+
+
+def test_the_kernel_layer_compiles_as_one_graph(clean_loader, cpu_variant):
+    """Mode.TORCH_COMPILE is accepted (`can_torch_compile`): the kernelized layer traces whole, backward included."""
+    model = random_model(10, wkv_backend="recurrent")
+    mapping = {"RWKV7WKV": {"cpu": kernels.LocalLayerRepository(KERNEL_DIR, layer_name="RWKV7WKV")}}
+    with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
+        kernels.kernelize(model, mode=kernels.Mode.TRAINING | kernels.Mode.TORCH_COMPILE, device="cpu")
+    layer = model.model.layers[0].attn.wkv
+    *inputs, state, reset = gpu_check_random_inputs(2, 20, 2, 64, torch.float32, "cpu", seed=11, reset_rate=0.2)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    gradients = []
+    for fn in (compiled, wkv7_recurrent):
+        leaves = [x.clone().requires_grad_() for x in (*inputs, state)]
+        y, final_state = fn(*leaves, reset)
+        (y.square().sum() + final_state.sum()).backward()
+        gradients.append([y.detach(), final_state.detach()] + [x.grad for x in leaves])
+    for actual, expected in zip(*gradients):
+        assert max_relative_error(actual, expected) < 1e-4
