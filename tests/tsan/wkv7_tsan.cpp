@@ -178,7 +178,9 @@ Results<T> run(const Problem& p) {
                                      p.has_state ? p.initial_state.data() : nullptr,
                                      p.has_reset ? reset.get() : nullptr, out.y.data(), out.final_state.data(),
                                      out.checkpoints.data(), p.seq_len, p.heads};
-  auto forward_program = [&](auto& block, int64_t bh, float* smem) { wkv7::forward_block<N>(block, forward, bh, smem); };
+  auto forward_program = [&](auto& block, int64_t bh, float* smem) {
+    wkv7::forward_block<N>(block, forward, bh, smem);
+  };
   using ForwardState = wkv7::ForwardThread<N>;
   if (Threaded) run_threaded<N, ForwardState>("forward", blocks, wkv7::forward_smem_floats<N>(), forward_program);
   else run_serial<N, ForwardState>(blocks, wkv7::forward_smem_floats<N>(), forward_program);
@@ -219,7 +221,9 @@ Results<T> run(const Problem& p) {
     const wkv7::ForwardArgs<T> decode{token[0].data(), log_decay_token.data(), token[1].data(), token[2].data(),
                                       token[3].data(), token[4].data(), out.decode_state.data(), nullptr,
                                       y_token.data(), out.decode_state.data(), nullptr, 1, p.heads};
-    auto decode_program = [&](auto& block, int64_t bh, float* smem) { wkv7::forward_block<N>(block, decode, bh, smem); };
+    auto decode_program = [&](auto& block, int64_t bh, float* smem) {
+      wkv7::forward_block<N>(block, decode, bh, smem);
+    };
     if (Threaded) run_threaded<N, ForwardState>("decode", blocks, wkv7::forward_smem_floats<N>(), decode_program);
     else run_serial<N, ForwardState>(blocks, wkv7::forward_smem_floats<N>(), decode_program);
     for (int64_t batch = 0; batch < p.batch; ++batch)

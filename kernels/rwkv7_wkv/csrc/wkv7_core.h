@@ -134,15 +134,27 @@ BackwardArgs<T> typed_args(const BackwardArgs<U>& x) {
 
 WKV7_HD int64_t num_chunks(int64_t seq_len) { return (seq_len + kChunk - 1) / kChunk; }
 
+// The number of tokens of chunk c (kChunk, or fewer for the last one).
+WKV7_HD int chunk_length(int64_t seq_len, int64_t c) {
+  return static_cast<int>(seq_len - c * kChunk < kChunk ? seq_len - c * kChunk : kChunk);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Shared-memory layouts (in floats). Staged inputs are [vector][step in chunk][N].
 
 enum TokenVector { kR, kW, kK, kV, kA, kB, kTokenVectors };  // r, decay, k, v, a, b: staged by both passes
 enum BackwardVector { kDy = kTokenVectors, kBwdVectors };    // the backward also stages dL/dy
 
+// The forward stages each chunk into one of two buffers (the next chunk is loaded while the current one runs);
+// a call with a single chunk uses only the first.
+template <int N>
+constexpr int forward_buffer_floats() {
+  return kTokenVectors * kChunk * N + kChunk;  // staged inputs, reset flags
+}
+
 template <int N>
 constexpr int forward_smem_floats() {
-  return kTokenVectors * kChunk * N + kChunk;  // staged inputs, reset flags
+  return 2 * forward_buffer_floats<N>();
 }
 
 template <int N>
@@ -199,33 +211,76 @@ WKV7_HD void fill_zero(float* x) {
   for (int j = 0; j < N; ++j) x[j] = 0.f;
 }
 
-// Thread n copies element n of `len` (<= kChunk) consecutive tokens of one (batch, head) into staged[s * N + n]
-// (`Decay`: exp of it). One unrolled pass issues every load before the first store, so that the loads of a chunk
-// are in flight together instead of waiting for memory once per token.
-template <int N, bool Decay = false, class T>
-WKV7_HD void stage_vector(float* staged, const T* src, int64_t first, int64_t step_stride, int len, int n) {
-  float x[kChunk];
+// Thread n loads element n of `len` (<= kChunk) consecutive tokens of one (batch, head) into x[s]: one unrolled
+// pass that issues every load before any use, so that the loads are in flight together.
+template <int N, class T>
+WKV7_HD void load_vector(float* x, const T* src, int64_t first, int64_t step_stride, int len, int n) {
   WKV7_UNROLL
   for (int s = 0; s < kChunk; ++s) {
     if (s < len) x[s] = Convert<T>::to_float(src[first + s * step_stride + n]);
   }
+}
+
+// ... and stores them to staged[s * N + n] (`Decay`: their exp).
+template <int N, bool Decay = false>
+WKV7_HD void store_vector(float* staged, const float* x, int len, int n) {
   WKV7_UNROLL
   for (int s = 0; s < kChunk; ++s) {
     if (s < len) staged[s * N + n] = Decay ? expf(x[s]) : x[s];
   }
 }
 
-// Thread n's share of staging one chunk of `len` tokens: element n of r, decay, k, v, a, b into their
-// TokenVector slots, and the reset flag of step n (`token` is the chunk's first token in the [batch, seq_len] mask).
+// Thread n's share of one chunk of `len` tokens in registers: element n of r, log-decay, k, v, a, b and the reset
+// flag of step n (`token` is the chunk's first token in the [batch, seq_len] mask).
+struct ChunkInputs {
+  float vectors[kTokenVectors][kChunk];
+  float reset;
+};
+
 template <int N, class Args>
-WKV7_HD void stage_chunk(float* staged, float* reset_flags, const Args& args, int64_t token, int64_t first,
-                         int64_t step_stride, int len, int n) {
-  stage_vector<N>(staged + kR * kChunk * N, args.r, first, step_stride, len, n);
-  stage_vector<N, true>(staged + kW * kChunk * N, args.log_decay, first, step_stride, len, n);
-  stage_vector<N>(staged + kK * kChunk * N, args.k, first, step_stride, len, n);
-  stage_vector<N>(staged + kV * kChunk * N, args.v, first, step_stride, len, n);
-  stage_vector<N>(staged + kA * kChunk * N, args.a, first, step_stride, len, n);
-  stage_vector<N>(staged + kB * kChunk * N, args.b, first, step_stride, len, n);
+WKV7_HD void load_chunk(ChunkInputs& in, const Args& args, int64_t token, int64_t first, int64_t step_stride,
+                        int len, int n) {
+  load_vector<N>(in.vectors[kR], args.r, first, step_stride, len, n);
+  load_vector<N>(in.vectors[kW], args.log_decay, first, step_stride, len, n);
+  load_vector<N>(in.vectors[kK], args.k, first, step_stride, len, n);
+  load_vector<N>(in.vectors[kV], args.v, first, step_stride, len, n);
+  load_vector<N>(in.vectors[kA], args.a, first, step_stride, len, n);
+  load_vector<N>(in.vectors[kB], args.b, first, step_stride, len, n);
+  in.reset = (n < len && args.reset != nullptr && args.reset[token + n]) ? 1.f : 0.f;
+}
+
+// Stores a loaded chunk into its TokenVector slots (decay = exp(log-decay)) and reset_flags[n].
+template <int N>
+WKV7_HD void store_chunk(float* staged, float* reset_flags, const ChunkInputs& in, int len, int n) {
+  store_vector<N>(staged + kR * kChunk * N, in.vectors[kR], len, n);
+  store_vector<N, true>(staged + kW * kChunk * N, in.vectors[kW], len, n);
+  store_vector<N>(staged + kK * kChunk * N, in.vectors[kK], len, n);
+  store_vector<N>(staged + kV * kChunk * N, in.vectors[kV], len, n);
+  store_vector<N>(staged + kA * kChunk * N, in.vectors[kA], len, n);
+  store_vector<N>(staged + kB * kChunk * N, in.vectors[kB], len, n);
+  if (n < len) reset_flags[n] = in.reset;
+}
+
+// The backward's staging: the same slots (and dL/dy in kDy), one vector at a time, since its threads already hold
+// two N-vectors of gradients in registers.
+template <int N, class Args>
+WKV7_HD void stage_backward_chunk(float* staged, float* reset_flags, const Args& args, int64_t token, int64_t first,
+                                  int64_t step_stride, int len, int n) {
+  float x[kChunk];
+  load_vector<N>(x, args.r, first, step_stride, len, n);
+  store_vector<N>(staged + kR * kChunk * N, x, len, n);
+  load_vector<N>(x, args.log_decay, first, step_stride, len, n);
+  store_vector<N, true>(staged + kW * kChunk * N, x, len, n);
+  load_vector<N>(x, args.k, first, step_stride, len, n);
+  store_vector<N>(staged + kK * kChunk * N, x, len, n);
+  load_vector<N>(x, args.v, first, step_stride, len, n);
+  store_vector<N>(staged + kV * kChunk * N, x, len, n);
+  load_vector<N>(x, args.a, first, step_stride, len, n);
+  store_vector<N>(staged + kA * kChunk * N, x, len, n);
+  load_vector<N>(x, args.b, first, step_stride, len, n);
+  store_vector<N>(staged + kB * kChunk * N, x, len, n);
+  load_vector<N>(x, args.dy, first, step_stride, len, n);
+  store_vector<N>(staged + kDy * kChunk * N, x, len, n);
   if (n < len) reset_flags[n] = (args.reset != nullptr && args.reset[token + n]) ? 1.f : 0.f;
 }
 
@@ -240,12 +295,13 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
   const int64_t step_stride = args.num_heads * N;
   const int64_t token0 = (batch * seq_len * args.num_heads + bh % args.num_heads) * N;
   const int64_t chunks = num_chunks(seq_len);
-  float* reset_flags = smem + kTokenVectors * kChunk * N;
+  auto buffer = [&](int64_t c) { return smem + (c % 2) * forward_buffer_floats<N>(); };  // chunk c's staged inputs
+  constexpr int kResetFlags = kTokenVectors * kChunk * N;  // offset of the reset flags in a buffer
 
   // The states move between global memory and the threads' rows through shared memory (padded [N][N + 1]), so
   // that consecutive threads access consecutive addresses (decoding is bound by these accesses).
   constexpr int kStride = N + 1;
-  static_assert(N * kStride <= forward_smem_floats<N>(), "the staging area holds one state");
+  static_assert(N * kStride <= forward_buffer_floats<N>(), "the first buffer holds one state");
   if (args.initial_state == nullptr) {
     block.each_thread([&](int n, ForwardThread<N>& thread) { fill_zero<N>(thread.state); });
   } else {
@@ -259,31 +315,43 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
       WKV7_UNROLL
       for (int j = 0; j < N; ++j) thread.state[j] = smem[n * kStride + j];
     });
+    block.sync();  // the initial state is out of shared memory
   }
 
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t t0 = c * kChunk;
-    const int len = static_cast<int>(seq_len - t0 < kChunk ? seq_len - t0 : kChunk);
-    const int64_t first = token0 + t0 * step_stride;
-
-    block.sync();  // the previous chunk is done with shared memory
+  if (chunks > 0) {
     block.each_thread([&](int n, ForwardThread<N>&) {
-      stage_chunk<N>(smem, reset_flags, args, batch * seq_len + t0, first, step_stride, len, n);
+      ChunkInputs in;
+      load_chunk<N>(in, args, batch * seq_len, token0, step_stride, chunk_length(seq_len, 0), n);
+      store_chunk<N>(buffer(0), buffer(0) + kResetFlags, in, chunk_length(seq_len, 0), n);
     });
     block.sync();
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int len = chunk_length(seq_len, c);
+    const int64_t first = token0 + c * kChunk * step_stride;
+    const float* staged = buffer(c);
+    const float* reset_flags = staged + kResetFlags;
+    // Each thread loads its share of chunk c + 1 into registers first, runs chunk c meanwhile, then stores chunk
+    // c + 1 into the other buffer.
     block.each_thread([&](int n, ForwardThread<N>& thread) {
+      const bool has_next = c + 1 < chunks;
+      ChunkInputs next;
+      if (has_next) {
+        load_chunk<N>(next, args, batch * seq_len + (c + 1) * kChunk, first + kChunk * step_stride, step_stride,
+                      chunk_length(seq_len, c + 1), n);
+      }
       if (args.checkpoints != nullptr) {  // key-major, so that the threads' stores are contiguous
         float* checkpoint = args.checkpoints + (bh * chunks + c) * N * N;
         WKV7_UNROLL
         for (int j = 0; j < N; ++j) checkpoint[j * N + n] = thread.state[j];
       }
       for (int s = 0; s < len; ++s) {
-        const float* r = smem + (kR * kChunk + s) * N;
-        const float* w = smem + (kW * kChunk + s) * N;
-        const float* k = smem + (kK * kChunk + s) * N;
-        const float* a = smem + (kA * kChunk + s) * N;
-        const float* b = smem + (kB * kChunk + s) * N;
-        const float v = smem[(kV * kChunk + s) * N + n];
+        const float* r = staged + (kR * kChunk + s) * N;
+        const float* w = staged + (kW * kChunk + s) * N;
+        const float* k = staged + (kK * kChunk + s) * N;
+        const float* a = staged + (kA * kChunk + s) * N;
+        const float* b = staged + (kB * kChunk + s) * N;
+        const float v = staged[(kV * kChunk + s) * N + n];
         if (reset_flags[s] != 0.f) fill_zero<N>(thread.state);
         const float sa = dot<N>(thread.state, a);
         float y[4] = {0.f, 0.f, 0.f, 0.f};
@@ -295,11 +363,12 @@ WKV7_HD void forward_block(Block& block, const ForwardArgs<T>& args, int64_t bh,
         }
         args.y[first + s * step_stride + n] = Convert<T>::from_float((y[0] + y[1]) + (y[2] + y[3]));
       }
+      if (has_next) store_chunk<N>(buffer(c + 1), buffer(c + 1) + kResetFlags, next, chunk_length(seq_len, c + 1), n);
     });
+    block.sync();  // chunk c + 1 is staged; chunk c's buffer is free
   }
 
   float* final_state = args.final_state + bh * N * N;  // may alias initial_state: every thread has read it
-  block.sync();  // the last chunk (or the initial state) is done with shared memory
   block.each_thread([&](int n, ForwardThread<N>& thread) {
     WKV7_UNROLL
     for (int j = 0; j < N; ++j) smem[n * kStride + j] = thread.state[j];
@@ -419,13 +488,12 @@ WKV7_HD void backward_block(Block& block, const BackwardArgs<T>& args, int64_t b
 
   for (int64_t c = chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk;
-    const int len = static_cast<int>(seq_len - t0 < kChunk ? seq_len - t0 : kChunk);
+    const int len = chunk_length(seq_len, c);
     const int64_t first = token0 + t0 * step_stride;
 
     // (the previous chunk is done with shared memory: its last step ended with a sync)
     block.each_thread([&](int n, BackwardThread<N>&) {
-      stage_chunk<N>(staged, reset_flags, args, batch * seq_len + t0, first, step_stride, len, n);
-      stage_vector<N>(staged + kDy * kChunk * N, args.dy, first, step_stride, len, n);
+      stage_backward_chunk<N>(staged, reset_flags, args, batch * seq_len + t0, first, step_stride, len, n);
     });
     block.sync();
 

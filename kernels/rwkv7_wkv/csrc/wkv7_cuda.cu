@@ -46,7 +46,8 @@ template <int N, class T>
 cudaError_t forward_typed(const ForwardArgs<void>& args, int64_t batch, cudaStream_t stream) {
   const int64_t blocks = batch * args.num_heads;
   if (blocks == 0) return cudaSuccess;
-  const int bytes = forward_smem_floats<N>() * sizeof(float);
+  const int floats = num_chunks(args.seq_len) > 1 ? forward_smem_floats<N>() : forward_buffer_floats<N>();
+  const int bytes = floats * sizeof(float);
   cudaError_t status = reserve_shared_memory(forward_kernel<N, T>, bytes);
   if (status != cudaSuccess) return status;
   forward_kernel<N, T><<<static_cast<unsigned int>(blocks), N, bytes, stream>>>(typed_args<T>(args));
