@@ -1,15 +1,29 @@
-"""CPU benchmark: this project vs rwkv7-hf 0.9.0 vs BlinkDL's `rwkv` 0.8.32 package, side by side in one run.
+"""CPU benchmark: this project (float32, bfloat16, int8 weights) vs rwkv7-hf 0.9.0 vs BlinkDL's `rwkv` 0.8.32.
 
 Model: the RWKV-7 0.1B shape (12 layers, hidden 768, vocab 65536) with random weights at a trained model's scale,
-fp32, 2 threads. Cases: prefill 1x512 and 4x512 (all logits, and 1x512 keeping only the last logit), decode at
-batch 1 (ms/token after a 16-token prompt), training forward+backward 2x256 with labels (tokens/s, peak RSS).
-Each case runs in its own process (so peak RSS is per case): one warm-up, then `--reps` timed runs. The peers take
-turns: `--rounds` rounds, each running every peer once, so that a slow spell on a shared machine hits them alike;
-the median over all rounds' runs is quoted.
-Also measured: the machine's fp32 matmul GFLOP/s and copy bandwidth, giving the floors the ratios refer to.
+2 threads. Cases: prefill 1x512 and 4x512 (all logits, and 1x512 keeping only the last logit), decode at batch 1
+(ms/token after a 16-token prompt), training forward+backward 2x256 with labels (tokens/s, peak RSS).
+Variants of ours (`--dtypes`): fp32; bf16 (bfloat16 weights and activations, float32 recurrent state); int8
+(torchao `Int8WeightOnlyConfig` on every projection, the vocabulary head included, bfloat16 activations; loaded
+with `from_pretrained(..., quantization_config=TorchAoConfig(...))`; no training). `--compiled` adds, for decoding,
+each dtype through `compile_decode_step` (torch.compile; compiled during the warm-up). The peers run fp32.
+
+Each case runs in its own process (so peak RSS is per case): one warm-up, then `--reps` timed runs. The variants
+take turns: `--rounds` rounds, each running every variant once, so that a slow spell hits them alike; the median
+over all rounds' runs is quoted. On a 2-core machine another busy process makes 2-thread timings collapse, so every
+run records the CPU time other processes used meanwhile (from /proc/stat); a run during which they used more than
+`--load-limit` of a core is taken again (up to `--retries` times) and, if still loaded, kept and counted in the
+"loaded" column.
+
+Also measured and printed first: the machine (CPU model, ISA flags, threads), its fp32 and bf16 matmul GFLOP/s
+and copy bandwidth (the floors the "x floor" column refers to); printed last: the few-row products and WKV paths
+our model chose on this machine. `--quality` adds the accuracy of bf16 and int8 on the built-in default model:
+logit error against fp32, held-out perplexity (data/shakespeare/validation.jsonl), greedy generation of 32 tokens.
 
     pip install -e ".[bench]"
-    python scripts/bench.py [--rounds 3] [--reps 2] [--peers ours,rwkv7_hf,rwkv_pip] [--out bench_results.json]
+    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8] [--compiled] [--quality]
+                            [--peers ours,rwkv7_hf,rwkv_pip] [--cases ...]
+    python scripts/bench.py --smoke          # 1 round, 1 run, fewer tokens: checks that everything runs
 """
 
 import argparse
@@ -23,7 +37,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(REPO, "configuration", "rwkv7-0.1b.json")
+DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
+HELD_OUT = os.path.join(REPO, "data", "shakespeare", "validation.jsonl")
 PEERS = ("ours", "rwkv7_hf", "rwkv_pip")
+DTYPES = ("fp32", "bf16", "int8")
+COMPILED = "+compiled"  # a dtype suffix: ours decoding through modeling_rwkv7.decode_rwkv7.compile_decode_step
 CASES = {
     "prefill_1x512": dict(kind="prefill", batch=1, seq=512, last_only=False),
     "prefill_1x512_last": dict(kind="prefill", batch=1, seq=512, last_only=True),
@@ -31,7 +49,63 @@ CASES = {
     "decode_b1": dict(kind="decode", prompt=16, new=64),
     "train_2x256": dict(kind="train", batch=2, seq=256),
 }
-UNSUPPORTED = {("rwkv_pip", "train_2x256")}  # the official package has no training path
+UNSUPPORTED = {("rwkv_pip", "fp32", "train_2x256"), ("ours", "int8", "train_2x256")}  # no training path
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+THREADS = 2
+
+
+# --- the machine and its load ----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    """CPU model, family/model numbers, the ISA flags that matter for matmuls, threads, torch build."""
+    import torch
+
+    info = {"cpu": "unknown", "family": None, "model": None, "flags": [], "cores": os.cpu_count(), "threads": THREADS}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            fields = dict(
+                line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line
+            )
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        info.update(cpu=fields.get("model name"), family=fields.get("cpu family"), model=fields.get("model"))
+        info["flags"] = [flag for flag in ISA_FLAGS if flag in fields.get("flags", "").split()]
+    except OSError:
+        pass
+    info["torch"] = torch.__version__
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes have used since boot (/proc/stat, all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_run(fn) -> tuple[float, float]:
+    """(wall seconds of `fn()`, CPU seconds other processes used meanwhile)."""
+    busy, own, start = busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    return wall, max((busy_cpu_seconds() - busy) - (sum(os.times()[:2]) - own), 0.0)
+
+
+def timed(fn, reps: int, load_limit: float, retries: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """`reps` wall times of `fn()` after `warmup` calls, each retaken up to `retries` times while other processes
+    used more than `load_limit` cores on average during it. Returns (times, other processes' CPU per second)."""
+    for _ in range(warmup):
+        fn()
+    times, loads = [], []
+    for _ in range(reps):
+        for _attempt in range(retries + 1):
+            wall, other = timed_run(fn)
+            if other <= load_limit * wall:
+                break
+        times.append(wall)
+        loads.append(other / wall)
+    return times, loads
 
 
 # --- weights -------------------------------------------------------------------------------------------------
@@ -72,6 +146,22 @@ def prepare_weights(workdir: str) -> dict:
     return paths
 
 
+def load_ours(path: str, dtype: str):
+    """Our RWKV7ForCausalLM from `path` in one of DTYPES (int8: torchao weight-only on every projection)."""
+    import torch
+
+    import modeling_rwkv7  # noqa: F401  (registers the model)
+    from modeling_rwkv7 import RWKV7ForCausalLM
+
+    if dtype == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        quantization = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[])  # the head too
+        return RWKV7ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
+    return RWKV7ForCausalLM.from_pretrained(path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+
+
 # --- one case in one process ---------------------------------------------------------------------------------
 
 
@@ -83,22 +173,14 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def timed(fn, reps: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def run_case(peer: str, case: str, path: str, reps: int) -> dict:
+def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens: int, load_limit: float,
+             retries: int) -> dict:
     import torch
 
-    torch.set_num_threads(2)
-    spec = CASES[case]
+    torch.set_num_threads(THREADS)
+    spec = dict(CASES[case])
+    if spec["kind"] == "decode":
+        spec["new"] = new_tokens
     generator = torch.Generator().manual_seed(0)
 
     def tokens(batch, seq):
@@ -126,11 +208,11 @@ def run_case(peer: str, case: str, path: str, reps: int) -> dict:
 
     else:
         if peer == "ours":
-            import modeling_rwkv7  # noqa: F401  (registers the model)
-            from modeling_rwkv7 import RWKV7ForCausalLM as model_class
+            model = load_ours(path, dtype.removesuffix(COMPILED))
         else:
-            from rwkv7_hf import RWKV7ForCausalLM as model_class
-        model = model_class.from_pretrained(path, dtype=torch.float32)
+            from rwkv7_hf import RWKV7ForCausalLM
+
+            model = RWKV7ForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.train(spec["kind"] == "train")
         if spec["kind"] == "prefill":
             ids = tokens(spec["batch"], spec["seq"])
@@ -142,12 +224,17 @@ def run_case(peer: str, case: str, path: str, reps: int) -> dict:
 
         elif spec["kind"] == "decode":
             prompt, new = tokens(1, spec["prompt"]), tokens(1, spec["new"])
+            decode = model
+            if dtype.endswith(COMPILED):  # compiled in the warm-up run, which is not timed
+                from modeling_rwkv7.decode_rwkv7 import compile_decode_step
+
+                decode = compile_decode_step(model, batch_size=1)
 
             def step():
                 with torch.inference_mode():
                     cache = model(prompt, use_cache=True).past_key_values
                     for t in range(new.shape[1]):
-                        cache = model(new[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+                        cache = decode(new[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
 
         else:
             ids = tokens(spec["batch"], spec["seq"])
@@ -156,11 +243,18 @@ def run_case(peer: str, case: str, path: str, reps: int) -> dict:
                 model.zero_grad(set_to_none=True)
                 model(ids, labels=ids, use_cache=False).loss.backward()
 
-    times = timed(step, reps)
+    times, loads = timed(step, reps, load_limit, retries)
     if spec["kind"] == "decode":  # time the decode loop only: subtract the prompt's prefill
-        prompt_time = statistics.median(timed(lambda: _prefill_only(peer, model, spec, tokens), reps))
+        prompt_times, _ = timed(lambda: _prefill_only(peer, model, spec, tokens), reps, load_limit, retries)
+        prompt_time = statistics.median(prompt_times)
         times = [(t - prompt_time) / spec["new"] for t in times]
-    return {"peer": peer, "case": case, "times": times, "median": statistics.median(times), "peak_rss_mb": peak_rss_mb()}
+    result = {
+        "peer": peer, "dtype": dtype, "case": case, "times": times, "other_cores": loads,
+        "median": statistics.median(times), "peak_rss_mb": peak_rss_mb(),
+    }
+    if peer == "ours":
+        result["paths"] = chosen_paths(spec)
+    return result
 
 
 def _prefill_only(peer, model, spec, tokens):
@@ -174,22 +268,108 @@ def _prefill_only(peer, model, spec, tokens):
             model(prompt, use_cache=True)
 
 
-def run_ceilings(reps: int) -> dict:
+def chosen_paths(spec: dict) -> dict:
+    """What our model ran on this machine: the few-row product decisions and the WKV implementation."""
     import torch
 
-    torch.set_num_threads(2)
+    from modeling_rwkv7 import linear_rwkv7, wkv
+
+    seq_len = spec.get("seq", 1) if spec["kind"] != "decode" else 1
+    return {
+        "wkv": wkv.select_wkv_backend("auto", seq_len, torch.device("cpu"), None)[0],
+        "chunked_min_seq_len": wkv.CHUNKED_MIN_SEQ_LEN,
+        "few_row_products": [
+            {"out": key[0], "in": key[1], "dtype": str(key[2]).replace("torch.", ""), "rows": key[3],
+             "product": choice.product, "us": {name: s * 1e6 for name, s in choice.seconds.items()},
+             "other_cpu_s": choice.other_cpu_seconds}
+            for key, choice in linear_rwkv7.few_row_choices.items()
+        ],
+    }
+
+
+def run_ceilings(reps: int, load_limit: float, retries: int) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    gflops = 2 * 2048**3 / statistics.median(timed(lambda: a @ b, reps)) / 1e9
+    fp32, _ = timed(lambda: a @ b, reps, load_limit, retries)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    bf16, _ = timed(lambda: a16 @ b16, reps, load_limit, retries)
     src, dst = torch.randn(2**28), torch.empty(2**28)  # 1 GiB each
-    copy_gbs = 2 * src.numel() * 4 / statistics.median(timed(lambda: dst.copy_(src), reps)) / 1e9
-    return {"matmul_gflops": gflops, "copy_gbs": copy_gbs}
+    copy, _ = timed(lambda: dst.copy_(src), reps, load_limit, retries)
+    return {
+        "matmul_gflops": 2 * 2048**3 / statistics.median(fp32) / 1e9,
+        "bf16_matmul_gflops": 2 * 2048**3 / statistics.median(bf16) / 1e9,
+        "copy_gbs": 2 * src.numel() * 4 / statistics.median(copy) / 1e9,
+        "machine": machine(),
+    }
+
+
+# --- accuracy of bf16 and int8 on the default model ------------------------------------------------------------
+
+
+def run_quality(max_tokens: int) -> dict:
+    """Logit error against fp32 (first 512 held-out tokens), held-out perplexity (documents cut into rows of 1024
+    tokens, up to `max_tokens`), and greedy generation of 32 tokens after "ROMEO:\\n", per dtype."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import modeling_rwkv7  # noqa: F401  (registers the tokenizer)
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    with open(HELD_OUT) as handle:
+        documents = [json.loads(line)["text"] for line in handle if line.strip()]
+    rows, total = [], 0
+    for document in documents:
+        ids = tokenizer(document)["input_ids"]
+        for start in range(0, len(ids) - 1, 1024):
+            row = ids[start : start + 1024]
+            if len(row) > 1 and total < max_tokens:
+                rows.append(torch.tensor([row]))
+                total += len(row) - 1
+    prompt = tokenizer("ROMEO:\n", return_tensors="pt")["input_ids"]
+    report, reference = {}, None
+    for dtype in DTYPES:
+        model = load_ours(DEFAULT_MODEL, dtype).eval()
+        with torch.inference_mode():
+            nll = sum(model(row, labels=row).loss.item() * (row.shape[1] - 1) for row in rows)
+            logits = model(rows[0][:, :512]).logits[0].float()
+            generated = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, prompt.shape[1] :]
+        entry = {"perplexity": math.exp(nll / total), "tokens": total, "greedy": generated.tolist()}
+        if reference is None:
+            reference = {"logits": logits, "greedy": generated}
+        else:
+            difference = logits - reference["logits"]
+            entry["logit_max_abs_error"] = difference.abs().max().item()
+            entry["logit_rms_relative_error"] = (difference.norm() / reference["logits"].norm()).item()
+            same = (generated == reference["greedy"]).tolist()
+            entry["greedy_same_tokens"] = same.index(False) if False in same else len(same)
+        report[dtype] = entry
+    if any(entry.get("greedy_same_tokens", 32) < 32 for entry in report.values()):
+        report["fp32"]["greedy_top2_margins"] = _greedy_margins(reference["greedy"], prompt)
+    return report
+
+
+def _greedy_margins(generated, prompt) -> list[float]:
+    """fp32's top-1 minus top-2 logit at every greedy step: a divergence where the margin is below the logit error
+    is explained by that error."""
+    import torch
+
+    model = load_ours(DEFAULT_MODEL, "fp32").eval()
+    ids = torch.cat([prompt[0], generated])[None]
+    with torch.inference_mode():
+        logits = model(ids).logits[0, prompt.shape[1] - 1 : -1].float()
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
 
 
 # --- the driver ----------------------------------------------------------------------------------------------
 
 
 def floors(ceilings: dict) -> dict:
-    """Seconds (decode: per token) a perfect implementation would need on this machine."""
+    """Seconds (decode: per token) a perfect implementation would need on this machine, per (case, dtype): matmul
+    FLOPs at the fp32 (bf16 for bf16 and int8) GEMM rate; decode bytes at the copy bandwidth."""
     import torch
 
     from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
@@ -199,16 +379,24 @@ def floors(ceilings: dict) -> dict:
         model = RWKV7ForCausalLM(config)
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     head = config.vocab_size * config.hidden_size
-    rate = ceilings["matmul_gflops"] * 1e9  # FLOP/s; a token costs 2 FLOP per matmul parameter
+    other_params = config.param_count() - head - matmul_params  # norms, mixes, biases (the embedding row aside)
     state_bytes = config.num_hidden_layers * config.num_heads * config.head_dim**2 * 4 * 2
-    decode_bytes = (config.param_count() - head) * 4 + state_bytes  # every matrix but the embedding table
-    return {
-        "prefill_1x512": 2 * matmul_params * 512 / rate,
-        "prefill_1x512_last": 2 * ((matmul_params - head) * 512 + head) / rate,
-        "prefill_4x512": 2 * matmul_params * 2048 / rate,
-        "decode_b1": decode_bytes / (ceilings["copy_gbs"] * 1e9),
-        "train_2x256": 3 * 2 * matmul_params * 512 / rate,
-    }
+    table = {}
+    for dtype, matrix_bytes, other_bytes, gflops in (
+        ("fp32", 4, 4, ceilings["matmul_gflops"]),
+        ("bf16", 2, 2, ceilings["bf16_matmul_gflops"]),
+        ("int8", 1, 2, ceilings["bf16_matmul_gflops"]),
+    ):
+        rate = gflops * 1e9  # FLOP/s; a token costs 2 FLOP per matmul parameter
+        decode_bytes = matmul_params * matrix_bytes + other_params * other_bytes + state_bytes
+        table[dtype] = {
+            "prefill_1x512": 2 * matmul_params * 512 / rate,
+            "prefill_1x512_last": 2 * ((matmul_params - head) * 512 + head) / rate,
+            "prefill_4x512": 2 * matmul_params * 2048 / rate,
+            "decode_b1": decode_bytes / (ceilings["copy_gbs"] * 1e9),
+            "train_2x256": 3 * 2 * matmul_params * 512 / rate,
+        }
+    return table
 
 
 def throughput(case: str, seconds: float) -> str:
@@ -218,12 +406,49 @@ def throughput(case: str, seconds: float) -> str:
     return f"{spec['batch'] * spec['seq'] / seconds:.1f} tok/s"
 
 
+def label(peer: str, dtype: str) -> str:
+    return peer if dtype == "fp32" else f"{peer}[{dtype}]"
+
+
+def print_paths(results: dict) -> None:
+    """The decisions of our fp32/bf16/int8 runs, once per (shape, dtype, rows)."""
+    seen, lines, wkv, chunked_from = set(), [], set(), None
+    for result in results.values():
+        paths = result.get("paths")
+        if not paths:
+            continue
+        wkv.add(f"{result['case']}: {paths['wkv']}")
+        chunked_from = paths["chunked_min_seq_len"]
+        for choice in paths["few_row_products"]:
+            key = (choice["out"], choice["in"], choice["dtype"], choice["rows"])
+            if key in seen:
+                continue
+            seen.add(key)
+            timings = ", ".join(f"{name} {us:.0f} us" for name, us in choice["us"].items())
+            lines.append(
+                f"  {choice['rows']:2d} row(s) x [{choice['out']:5d}, {choice['in']:4d}] {choice['dtype']:8s} -> "
+                f"{choice['product']:10s} ({timings}; others {choice['other_cpu_s']:.2f} CPU s)"
+            )
+    if not lines and not wkv:
+        return
+    print(f"\nour WKV implementation (chunked from {chunked_from} tokens): " + "; ".join(sorted(wkv)))
+    print("few-row products (decode), measured per process:")
+    print("\n".join(sorted(lines)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="variants of ours: fp32, bf16, int8")
+    parser.add_argument("--compiled", action="store_true", help="also decode with each dtype through torch.compile")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per decode run")
+    parser.add_argument("--load-limit", type=float, default=0.1, help="other processes' cores above which a run is retaken")
+    parser.add_argument("--retries", type=int, default=2)
+    parser.add_argument("--quality", action="store_true", help="also bf16/int8 accuracy on the default model")
+    parser.add_argument("--smoke", action="store_true", help="1 round, 1 run, 8 decoded tokens: a quick check")
     parser.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "rwkv7-bench"))
     parser.add_argument("--out", default=os.path.join(REPO, "bench_results.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -231,12 +456,23 @@ def main():
 
     if args.worker:
         job = json.loads(args.worker)
-        result = run_ceilings(job["reps"]) if job["case"] == "ceilings" else run_case(**job)
+        kind = job.pop("job")
+        result = {"ceilings": run_ceilings, "case": run_case, "quality": run_quality}[kind](**job)
         print("RESULT " + json.dumps(result))
         return
+    if args.smoke:
+        args.rounds, args.reps, args.new_tokens = 1, 1, 8
 
     peers, cases = args.peers.split(","), args.cases.split(",")
+    for name, values, known in (("--peers", peers, PEERS), ("--dtypes", args.dtypes.split(","), DTYPES),
+                                ("--cases", cases, CASES)):
+        unknown = [value for value in values if value not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}; expected some of {list(known)}")
+    ours_dtypes = args.dtypes.split(",") + [dtype + COMPILED for dtype in args.dtypes.split(",") if args.compiled]
+    variants = [(peer, dtype) for peer in peers for dtype in (ours_dtypes if peer == "ours" else ["fp32"])]
     paths = prepare_weights(args.workdir)
+    load = {"load_limit": args.load_limit, "retries": args.retries}
 
     def worker(job: dict) -> dict:
         done = subprocess.run(
@@ -247,46 +483,77 @@ def main():
             raise RuntimeError(f"benchmark worker {job} failed:\n{done.stderr[-3000:]}")
         return json.loads(lines[-1][len("RESULT ") :])
 
-    ceilings = worker({"case": "ceilings", "reps": 2 * args.reps + 1})
+    started = time.perf_counter()
+    ceilings = worker({"job": "ceilings", "reps": 2 * args.reps + 1, **load})
+    info = ceilings["machine"]
+    print(
+        f"machine: {info['cpu']} (family {info['family']} model {info['model']}), {info['cores']} cores, "
+        f"{THREADS} threads; flags {' '.join(info['flags']) or '-'}; torch {info['torch']} ({info['torch_cpu_capability']})\n"
+        f"         fp32 matmul {ceilings['matmul_gflops']:.1f} GFLOP/s, bf16 matmul {ceilings['bf16_matmul_gflops']:.1f} "
+        f"GFLOP/s, copy {ceilings['copy_gbs']:.1f} GB/s",
+        flush=True,
+    )
     floor = floors(ceilings)
     results = {}
     for case in cases:
         for round_index in range(args.rounds):
-            for peer in peers:
-                if (peer, case) in UNSUPPORTED:
+            for peer, dtype in variants:
+                if (peer, dtype, case) in UNSUPPORTED or (dtype.endswith(COMPILED) and CASES[case]["kind"] != "decode"):
                     continue
-                print(f"round {round_index + 1}/{args.rounds}: {peer:9s} {case} ...", file=sys.stderr, flush=True)
-                run = worker({"peer": peer, "case": case, "path": paths[peer], "reps": args.reps})
+                print(f"round {round_index + 1}/{args.rounds}: {label(peer, dtype):20s} {case} ...", file=sys.stderr, flush=True)
+                run = worker({"job": "case", "peer": peer, "dtype": dtype, "case": case, "path": paths[peer],
+                              "reps": args.reps, "new_tokens": args.new_tokens, **load})
                 pooled = results.setdefault(
-                    (case, peer), {"peer": peer, "case": case, "times": [], "peak_rss_mb": 0.0}
+                    (case, peer, dtype),
+                    {"peer": peer, "dtype": dtype, "case": case, "times": [], "other_cores": [], "peak_rss_mb": 0.0},
                 )
                 pooled["times"] += run["times"]
+                pooled["other_cores"] += run["other_cores"]
                 pooled["peak_rss_mb"] = max(pooled["peak_rss_mb"], run["peak_rss_mb"])
-        for peer in peers:
-            if (case, peer) in results:
-                results[(case, peer)]["median"] = statistics.median(results[(case, peer)]["times"])
+                if "paths" in run:
+                    pooled["paths"] = run["paths"]
 
-    print(f"\nmachine: fp32 matmul {ceilings['matmul_gflops']:.1f} GFLOP/s, copy {ceilings['copy_gbs']:.1f} GB/s, 2 threads")
-    header = f"{'case':20s} {'peer':9s} {'median':>14s} {'x floor':>8s} {'ours faster by':>15s} {'peak RSS MB':>12s}"
-    print(header + "\n" + "-" * len(header))
+    header = (
+        f"{'case':20s} {'variant':20s} {'median':>14s} {'x floor':>8s} {'ours fp32 faster by':>20s} "
+        f"{'peak RSS MB':>12s} {'loaded':>7s}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
     report = {"ceilings": ceilings, "floors_s": floor, "cases": {}}
     for case in cases:
-        ours = results.get((case, "ours"))
-        for peer in peers:
-            if (case, peer) not in results:
+        ours = results.get((case, "ours", "fp32"))
+        for peer, dtype in variants:
+            if (case, peer, dtype) not in results:
                 continue
-            r = results[(case, peer)]
-            speedup = ours["median"] / r["median"] if ours else float("nan")
-            r["x_floor"] = r["median"] / floor[case]
-            r["ours_speedup"] = 1 / speedup if ours else None
+            r = results[(case, peer, dtype)]
+            r["median"] = statistics.median(r["times"])
+            r["x_floor"] = r["median"] / floor[dtype.removesuffix(COMPILED)][case]
+            r["ours_fp32_speedup"] = r["median"] / ours["median"] if ours else None
+            r["loaded_runs"] = sum(other > args.load_limit for other in r["other_cores"])
             print(
-                f"{case:20s} {peer:9s} {throughput(case, r['median']):>14s} {r['x_floor']:>8.2f} "
-                f"{(r['ours_speedup'] or float('nan')):>14.2f}x {r['peak_rss_mb']:>12.0f}"
+                f"{case:20s} {label(peer, dtype):20s} {throughput(case, r['median']):>14s} {r['x_floor']:>8.2f} "
+                f"{(r['ours_fp32_speedup'] or float('nan')):>19.2f}x {r['peak_rss_mb']:>12.0f} "
+                f"{r['loaded_runs']:>3d}/{len(r['times']):<3d}"
             )
-            report["cases"].setdefault(case, {})[peer] = r
+            report["cases"].setdefault(case, {})[label(peer, dtype)] = r
+    print_paths(results)
+    if args.quality:
+        quality = worker({"job": "quality", "max_tokens": 4096 if args.smoke else 1 << 30})
+        report["quality"] = quality
+        print("\naccuracy on models/rwkv7-tiny-default (held-out data/shakespeare/validation.jsonl):")
+        for dtype, entry in quality.items():
+            extra = ""
+            if "logit_max_abs_error" in entry:
+                extra = (
+                    f", logits vs fp32: max abs {entry['logit_max_abs_error']:.4f}, RMS relative "
+                    f"{entry['logit_rms_relative_error']:.4f}; greedy: first {entry['greedy_same_tokens']}/32 tokens as fp32"
+                )
+            print(f"  {dtype:5s} perplexity {entry['perplexity']:.2f} over {entry['tokens']} tokens{extra}")
+        if "greedy_top2_margins" in quality["fp32"]:
+            margins = ", ".join(f"{m:.3f}" for m in quality["fp32"]["greedy_top2_margins"])
+            print(f"  fp32 greedy top-1 minus top-2 logit per step: {margins}")
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=2)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
