@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM
 CODE_FILES = {"configuration_rwkv7.py", "modeling_rwkv7.py", "cache_rwkv7.py", "wkv.py"}
 
 
-def random_tokens(vocab_size: int, length: int = 24) -> list[int]:
-    return torch.randint(0, vocab_size, (length,)).tolist()
+def random_tokens(vocab_size: int, length: int = 24, seed: int = 0) -> list[int]:
+    """Fresh random tokens, the same whatever ran before (the bf16 tolerance below is a measured bound)."""
+    return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def logits_of(model, tokens: list[int]) -> torch.Tensor:
