@@ -33,8 +33,8 @@ SMEM_PROGRAM = r"""
 #include <cstdio>
 #include "wkv7_core.h"
 template <int N> void print() {
-  std::printf("forward %d %zu\nbackward %d %zu\n", N, wkv7::forward_smem_floats<N>() * sizeof(float), N,
-              wkv7::BackwardSmem<N>::kFloats * sizeof(float));
+  std::printf("forward %d %zu %zu\nbackward %d %zu 0\n", N, wkv7::forward_smem_floats<N>() * sizeof(float),
+              wkv7::forward_buffer_floats<N>() * sizeof(float), N, wkv7::BackwardSmem<N>::kFloats * sizeof(float));
 }
 int main() { print<16>(); print<32>(); print<64>(); }
 """
@@ -78,8 +78,8 @@ def dynamic_shared_memory(temp: Path) -> dict:
     run(["g++", "-std=c++20", f"-I{CSRC}", str(source), "-o", str(temp / "smem")])
     sizes = {}
     for line in run([str(temp / "smem")]).splitlines():
-        kind, n, size = line.split()
-        sizes[(kind, int(n))] = int(size)
+        kind, n, size, one_chunk = line.split()
+        sizes[(kind, int(n))] = (int(size), int(one_chunk))
     return sizes
 
 
@@ -141,8 +141,9 @@ def main():
         kind, n = label.split()[0], int(label.split()[1][2:])
         rows.append((label, values, smem[(kind, n)]))
     for label, values, shared in sorted(rows, key=lambda row: (row[0].split()[0], int(row[0].split()[1][2:]), row[0])):
+        one_chunk = f" ({shared[1] / 1024:.2f} KiB for one chunk, e.g. decoding)" if shared[1] else ""
         print(f"  {label:<26} REG {values['REG']:>3}  STACK {values['STACK']:>3}  LOCAL {values['LOCAL']:>3}  "
-              f"dynamic smem {shared / 1024:6.2f} KiB")
+              f"dynamic smem {shared[0] / 1024:6.2f} KiB{one_chunk}")
 
     print(f"\nsm_{args.arch} SASS, head size 64: static instruction counts; loops innermost first (one trip each)")
     for name, instructions in sorted(sass_functions(sass).items(), key=lambda item: kernel_label(item[0])):

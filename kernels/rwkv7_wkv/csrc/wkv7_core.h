@@ -11,7 +11,8 @@
 // `sync` is __syncthreads(); on the CPU (`SerialBlock`) each phase loops over the N threads and `sync` is a no-op.
 // The CPU build therefore runs the very same per-thread code, indexing and shared-memory layout as the GPU.
 //
-// Forward: thread n owns row n of the state (value n) in registers.
+// Forward: thread n owns row n of the state (value n) in registers; the inputs of a chunk of kChunk tokens are
+// staged in shared memory, the next chunk loaded while the current one runs.
 // Backward: the gradient G = dL/dS is kept in both orientations (thread n owns row n and column n). The states P_t
 // are recomputed exactly from the forward's checkpoints (one every kChunk steps). The chunk is walked backwards in
 // spans of kSpan steps: a row pass from the checkpoint to the end of the span keeps one state of the span every
