@@ -27,6 +27,9 @@ logger = logging.get_logger(__name__)
 # decay = exp(-exp(-0.5) * sigmoid(w)) lies in (0.5452, 1)
 DECAY_SCALE = math.exp(-0.5)
 
+# what RWKV7ForCausalLM.forward passes on to the loss (the Trainer's `num_items_in_batch`, ...)
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
 
 def token_shift(
     hidden_states: torch.Tensor,
@@ -43,8 +46,9 @@ def token_shift(
     """
     batch_size, seq_len, hidden_size = hidden_states.shape
     shift_state = shift_state.to(hidden_states.dtype)
-    if mask is None and seq_len == 1:  # decoding: nothing to concatenate
-        x_prev, new_shift_state = shift_state[:, None], hidden_states[:, 0]
+    if seq_len == 1:  # decoding: the previous token is the shift state; a padded token leaves it as it is
+        x_prev = shift_state[:, None]
+        new_shift_state = hidden_states[:, 0] if mask is None else torch.where(mask, hidden_states[:, 0], shift_state)
     elif mask is None:
         x_prev = torch.cat([shift_state[:, None], hidden_states[:, :-1]], dim=1)
         new_shift_state = hidden_states[:, -1]
@@ -52,13 +56,23 @@ def token_shift(
         extended = torch.cat([shift_state[:, None], hidden_states], dim=1)
         positions = torch.arange(1, seq_len + 1, device=mask.device).expand(batch_size, seq_len)
         # index into `extended` of the last real token at or before each position (0 = the shift state)
-        last_real = torch.where(mask, positions, 0).cummax(dim=1).values
+        last_real = _running_max(torch.where(mask, positions, 0))
         previous_real = torch.cat([last_real.new_zeros(batch_size, 1), last_real[:, :-1]], dim=1)
         x_prev = extended.gather(1, previous_real[..., None].expand(-1, -1, hidden_size))
         new_shift_state = extended[torch.arange(batch_size, device=mask.device), last_real[:, -1]]
     if reset is not None:
         x_prev = x_prev.masked_fill(reset[..., None], 0.0)
     return x_prev, new_shift_state
+
+
+def _running_max(values: torch.Tensor) -> torch.Tensor:
+    """`values.cummax(dim=1).values` for [batch, seq_len] integers, in ceil(log2(seq_len)) shifted maxima (ONNX has
+    no cummax)."""
+    shift = 1
+    while shift < values.shape[1]:
+        values = torch.maximum(values, F.pad(values[:, :-shift], (shift, 0)))
+        shift *= 2
+    return values
 
 
 class RWKV7LoRA(nn.Module):
@@ -242,8 +256,14 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV7Block"]
     _is_stateful = True
+    _can_compile_fullgraph = True
     # layer 0's value-residual LoRA, stored (unused) by official and native-layout checkpoints; layer 0 has none
     _keys_to_ignore_on_load_unexpected = [r"(^|\.)layers\.0\.attn\.v_lora\."]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate() must not make a DynamicCache: the model makes its own `RWKV7Cache` (whatever the class name)."""
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -381,9 +401,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 )
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
-                raise ValueError(f"Token id {bad} is out of the vocabulary range [0, {self.config.vocab_size}).")
+            _check_token_ids(input_ids, self.config.vocab_size)
             return self.embeddings(input_ids)
         width = self.config.input_size or self.config.hidden_size
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
@@ -405,17 +423,33 @@ class RWKV7Model(RWKV7PreTrainedModel):
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
-        **kwargs,
+        output_attentions: Optional[bool] = None,
+        cu_seq_lens_q: Optional[torch.Tensor] = None,
+        cu_seq_lens_k: Optional[torch.Tensor] = None,
+        max_length_q: Optional[int] = None,
+        max_length_k: Optional[int] = None,
+        seq_idx: Optional[torch.Tensor] = None,
     ) -> RWKV7ModelOutput:
         r"""
         input_ids: [batch, seq_len] token ids, or inputs_embeds: [batch, seq_len, input_size or hidden_size].
         attention_mask: [batch, past + seq_len] with 0 at padding; padded positions leave the state unchanged.
         position_ids: only read to find document starts in packed rows: a 0 after the first position starts a new
             document with a fresh state.
-        past_key_values: an `RWKV7Cache` to continue from; it is updated with this input.
+        cu_seq_lens_q / cu_seq_lens_k: [num_documents + 1] cumulative document lengths of one packed row (what
+            `DataCollatorWithFlattening` and TRL's padding-free collator give): document starts, as with
+            position_ids. seq_idx: [1, seq_len] document index of each token, likewise. max_length_q / max_length_k
+            (the longest document, for attention kernels) are accepted and not needed.
+        past_key_values: an `RWKV7Cache` to continue from; the new state is written into it.
+        output_attentions: RWKV-7 has no attention weights; only None / False are accepted.
         """
+        if output_attentions:
+            raise ValueError("output_attentions=True: RWKV-7 has no attention weights to return.")
         hidden_states = self._embed(input_ids, inputs_embeds)
         batch_size, seq_len = hidden_states.shape[:2]
+        if batch_size == 0 or seq_len == 0:
+            raise ValueError(
+                f"The input is empty (batch, seq_len) = ({batch_size}, {seq_len}): pass at least one token per row."
+            )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -423,7 +457,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         mask = _padding_mask(attention_mask, batch_size, seq_len)
-        reset = _document_starts(position_ids, batch_size, seq_len)
+        reset = _document_starts(batch_size, seq_len, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)
 
         if past_key_values is not None:
             if not isinstance(past_key_values, RWKV7Cache):
@@ -442,20 +476,21 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 all_hidden_states += (hidden_states,)
             if past_key_values is not None:
                 state = past_key_values.layers[layer_idx]
-                layer_state = (state.attn_shift_state, state.recurrent_state, state.ffn_shift_state)
+                # the WKV arithmetic is float32 whatever the dtype the state is kept in
+                layer_state = (state.attn_shift_state, state.recurrent_state.float(), state.ffn_shift_state)
             else:
                 layer_state = (zeros, None, zeros)
             hidden_states, v_first, attn_shift, recurrent_state, ffn_shift = layer(
                 hidden_states, v_first, *layer_state, mask, reset
             )
             if past_key_values is not None:
-                state.attn_shift_state, state.recurrent_state, state.ffn_shift_state = attn_shift, recurrent_state, ffn_shift
+                state.update(recurrent_state, attn_shift, ffn_shift)
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if past_key_values is not None:
-            past_key_values.seen_tokens += seq_len
+            past_key_values.add_seen_tokens(seq_len)
 
         last_real = _last_real_position(mask, batch_size, seq_len, hidden_states.device)
         pooler_output = hidden_states[torch.arange(batch_size, device=hidden_states.device), last_real]
@@ -477,20 +512,85 @@ def _padding_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_l
             f"got shape {tuple(attention_mask.shape)}."
         )
     mask = attention_mask[:, -seq_len:].bool()
-    return None if bool(mask.all()) else mask
-
-
-def _document_starts(position_ids: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
-    """[batch, seq_len] bool, True where a packed document starts after the first position, or None."""
-    if position_ids is None or seq_len < 2:
+    # eager runs skip the masking work when nothing is padded; a traced graph never branches on the data
+    if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
-    if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch_size):
+    return mask
+
+
+def _check_token_ids(input_ids: torch.LongTensor, vocab_size: int) -> None:
+    """Raise if a token id lies outside [0, vocab_size): a ValueError naming it when run eagerly, an asynchronous
+    assertion inside a traced graph (torch.compile, torch.export), which must not branch on the data."""
+    out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~out_of_range.any(), f"A token id is out of the vocabulary range [0, {vocab_size}).")
+    elif out_of_range.any():
+        bad = input_ids[out_of_range][0].item()
+        raise ValueError(f"Token id {bad} is out of the vocabulary range [0, {vocab_size}).")
+
+
+def _document_starts(
+    batch_size: int,
+    seq_len: int,
+    position_ids: Optional[torch.Tensor] = None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    cu_seq_lens_k: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """[batch, seq_len] bool, True where a packed document starts after the first position, or None (no packing
+    information, or, run eagerly, no document start). Documents are marked by position_ids [batch or 1, seq_len]
+    (a 0), cu_seq_lens_q / cu_seq_lens_k [num_documents + 1] (cumulative lengths of the documents of one row) or
+    seq_idx [1, seq_len] (a change of the document index); several of them are combined."""
+    reset = None
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"position_ids must be [batch={batch_size} or 1, seq_len={seq_len}], got shape {tuple(position_ids.shape)}."
+            )
+        reset = (position_ids == 0).expand(batch_size, seq_len)
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        starts = _cu_seq_lens_starts(batch_size, seq_len, cu_seq_lens_q, cu_seq_lens_k)
+        reset = starts if reset is None else reset | starts
+    if seq_idx is not None:
+        if seq_idx.shape != (1, seq_len) or batch_size != 1:
+            raise ValueError(
+                f"seq_idx must be [1, seq_len={seq_len}] for one packed row, got shape {tuple(seq_idx.shape)} "
+                f"with batch size {batch_size}."
+            )
+        changes = torch.cat([torch.zeros_like(seq_idx[:, :1], dtype=torch.bool), seq_idx[:, 1:] != seq_idx[:, :-1]], 1)
+        reset = changes if reset is None else reset | changes
+    if reset is None:
+        return None
+    # the first position continues from the state given (a cache, or zeros); it is never reset
+    reset = torch.cat([torch.zeros_like(reset[:, :1]), reset[:, 1:]], dim=1)
+    if not torch.compiler.is_compiling() and not bool(reset.any()):
+        return None
+    return reset
+
+
+def _cu_seq_lens_starts(
+    batch_size: int, seq_len: int, cu_seq_lens_q: Optional[torch.Tensor], cu_seq_lens_k: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """The document starts [1, seq_len] bool that cu_seq_lens_q / cu_seq_lens_k (equal when both are given) mark."""
+    cu_seq_lens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
+    if batch_size != 1 or cu_seq_lens.dim() != 1 or cu_seq_lens.shape[0] < 2:
         raise ValueError(
-            f"position_ids must be [batch={batch_size} or 1, seq_len={seq_len}], got shape {tuple(position_ids.shape)}."
+            f"cu_seq_lens_q / cu_seq_lens_k must be [num_documents + 1] for one packed row (batch size 1), got shape "
+            f"{tuple(cu_seq_lens.shape)} with batch size {batch_size}."
         )
-    reset = (position_ids == 0).expand(batch_size, seq_len).clone()
-    reset[:, 0] = False
-    return reset if bool(reset.any()) else None
+    if not torch.compiler.is_compiling():
+        if cu_seq_lens_q is not None and cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+            raise ValueError(
+                f"cu_seq_lens_q {cu_seq_lens_q.tolist()} differs from cu_seq_lens_k {cu_seq_lens_k.tolist()}: a "
+                "recurrent model reads each packed document once, so the two must be the same."
+            )
+        lengths = cu_seq_lens.diff()
+        if int(cu_seq_lens[0]) != 0 or int(cu_seq_lens[-1]) != seq_len or bool((lengths < 0).any()):
+            raise ValueError(
+                f"cu_seq_lens {cu_seq_lens.tolist()} must rise from 0 to seq_len={seq_len} (cumulative document lengths)."
+            )
+    positions = torch.arange(seq_len, device=cu_seq_lens.device)
+    return (positions[:, None] == cu_seq_lens[None, :-1].to(positions.dtype)).any(dim=1)[None]
 
 
 def _last_real_position(mask: Optional[torch.Tensor], batch_size: int, seq_len: int, device) -> torch.Tensor:
@@ -529,14 +629,25 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        cu_seq_lens_q: Optional[torch.Tensor] = None,
+        cu_seq_lens_k: Optional[torch.Tensor] = None,
+        max_length_q: Optional[int] = None,
+        max_length_k: Optional[int] = None,
+        seq_idx: Optional[torch.Tensor] = None,
+        **loss_kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels: [batch, seq_len] next-token targets (shifted inside), -100 to ignore.
         logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all), or for the positions
             in a 1-D index tensor; the vocabulary head is skipped for the others.
+        loss_kwargs: only what the loss takes (`num_items_in_batch`, `ignore_index`, `shift_labels`, as the
+            Trainer passes them); any other name is refused. See `RWKV7Model.forward` for the rest.
         """
+        unknown = sorted(set(loss_kwargs) - set(LOSS_KWARGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}.")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -545,6 +656,12 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -552,13 +669,80 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: Optional[int] = None,
+        past_key_values: Optional[RWKV7Cache] = None,
+        is_first_iteration: Optional[bool] = False,
+        **kwargs,
+    ):
+        """GenerationMixin's, refusing a warm cache that the input cannot extend.
+
+        With a warm cache (`past_key_values` that has seen `n` tokens), generate() expects the FULL ids, the `n`
+        tokens the cache has seen followed by the new ones, and feeds only the ids after the first `n`. (Or only
+        the new ids together with an attention_mask over all `n + new` positions.) The cache keeps no tokens, so
+        it cannot check that the first `n` ids are the ones it saw; an input not longer than `n` is refused.
+        """
+        if is_first_iteration and past_key_values is not None and next_sequence_length is not None:
+            if next_sequence_length <= 0:
+                seen = past_key_values.get_seq_length()
+                raise ValueError(
+                    f"generate() got {seen + next_sequence_length} input positions but past_key_values has already "
+                    f"seen {seen} tokens: with a warm cache, generate() expects the full ids (the {seen} tokens the "
+                    f"cache has seen, then the new ones) and feeds only the ids after position {seen}. Pass the full "
+                    "ids, or feed only the new ids with `model(new_ids, past_key_values=cache)` and continue from there."
+                )
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        # the forward reads only the mask of the positions it is given: a decoding step then has the same shapes
+        # every time (no recompilation of a compiled step for a growing mask)
+        attention_mask = model_inputs.get("attention_mask")
+        inputs = model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
+        if attention_mask is not None and attention_mask.shape[1] > inputs.shape[1]:
+            model_inputs["attention_mask"] = attention_mask[:, -inputs.shape[1] :].clone(memory_format=torch.contiguous_format)
+        return model_inputs
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """generate() decodes into an `RWKV7Cache` made here, before the first forward pass (one row per beam and
+        returned sequence), so that a compiled decoding step (`compile_config`) finds its state from the start."""
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache:
+            rows = batch_size * max(generation_config.num_beams, generation_config.num_return_sequences)
+            model_kwargs["past_key_values"] = self.init_cache(rows)
+
+    def create_masks_for_generate(
+        self,
+        config: RWKV7Config,
+        inputs_embeds: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        past_key_values: Optional[RWKV7Cache],
+        position_ids: Optional[torch.Tensor] = None,
+        block_sequence_ids: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        mm_token_type_ids: Optional[torch.Tensor] = None,
+        is_first_iteration: Optional[bool] = None,
+    ) -> Optional[torch.Tensor]:
+        """generate() asks a model with a compilable cache for 4-D attention masks; the recurrence needs only the
+        2-D padding mask [batch, past + seq_len], which is returned as it is."""
+        return attention_mask
 
 
 class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
@@ -588,7 +772,6 @@ class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
-        **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         r"""labels: [batch] class ids (or floats for regression / multi-label, per `config.problem_type`)."""
         outputs = self.model(

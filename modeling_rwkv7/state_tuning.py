@@ -47,10 +47,11 @@ class RWKV7StateTuning(nn.Module):
 
     def initial_cache(self, batch_size: int = 1) -> RWKV7Cache:
         """An `RWKV7Cache` for `batch_size` rows whose WKV states are `initial_state` (differentiable: the cache
-        holds copies expanded over the batch) and whose token-shift states are zeros."""
+        holds copies expanded over the batch, so decoding, which writes into the cache, never changes
+        `initial_state`) and whose token-shift states are zeros."""
         cache = RWKV7Cache(self.config, batch_size, dtype=self.model.dtype, device=self.initial_state.device)
         for layer, state in zip(cache.layers, self.initial_state):
-            layer.recurrent_state = state.expand(batch_size, -1, -1, -1).contiguous()
+            layer.recurrent_state.copy_(state.expand(batch_size, -1, -1, -1))
         return cache
 
     def forward(
@@ -67,10 +68,12 @@ class RWKV7StateTuning(nn.Module):
         if inputs is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch_size, seq_len = inputs.shape[:2]
-        if _document_starts(position_ids, batch_size, seq_len) is not None:
+        packing = {name: kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")}
+        if _document_starts(batch_size, seq_len, position_ids, **packing) is not None:
             raise ValueError(
-                "State tuning needs one document per row, but position_ids mark a document start after the first "
-                "position (packed rows); the state would restart from zeros there instead of the tuned state."
+                "State tuning needs one document per row, but position_ids (or cu_seq_lens_q / cu_seq_lens_k / "
+                "seq_idx) mark a document start after the first position (packed rows); the state would restart "
+                "from zeros there instead of the tuned state."
             )
         if labels is not None:
             kwargs["labels"] = labels

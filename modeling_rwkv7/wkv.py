@@ -119,7 +119,8 @@ def wkv7(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 through the implementation `backend` selects (see `select_wkv_backend`; the choice is logged once)."""
     name, kernel = select_wkv_backend(backend, r.shape[1], r.device, kernel_repo)
-    logger.info_once(f"RWKV-7 WKV: {name} implementation (wkv_backend={backend!r}, device {r.device.type})")
+    if not torch.compiler.is_compiling():  # logging would break a traced graph
+        logger.info_once(f"RWKV-7 WKV: {name} implementation (wkv_backend={backend!r}, device {r.device.type})")
     if name == "kernel":
         return kernel.wkv7(r, log_decay, k, v, a, b, initial_state, reset)
     if name == "chunked":

@@ -221,17 +221,12 @@ def _chunk_terms(r, log_decay, k, v, a, b, segment) -> _ChunkTerms:
 
     # e^{c_t - c_s} = e^{c_t - m} e^{m - c_s}, with m in the middle of t's block of rows
     middle = cum.view(in_blocks)[:, :, (block - 1) // 2 : (block + 1) // 2]  # [problems, blocks, 1, head_dim]
-    row_scale = r.new_empty(problems, blocks, 2, block, head_dim)
-    torch.sub(cum.view(in_blocks), middle, out=row_scale[:, :, 1])
-    torch.add(row_scale[:, :, 1], log_decay.view(in_blocks), alpha=-_LOG2_E, out=row_scale[:, :, 0])
-    row_scale.exp2_()
+    # (stacked rather than written through `out=` slices, which torch.compile cannot trace)
+    row_shift = cum.view(in_blocks) - middle  # c_t - m
+    row_scale = torch.stack([row_shift.add(log_decay.view(in_blocks), alpha=-_LOG2_E), row_shift], dim=2).exp2_()
     column_scale = torch.sub(middle, cum.unsqueeze(1)).clamp_(max=_MAX_EXPONENT * _LOG2_E).exp2_()
-    left = torch.empty_like(row_scale)
-    torch.mul(a.view(in_blocks), row_scale[:, :, 0], out=left[:, :, 0])
-    torch.mul(r.view(in_blocks), row_scale[:, :, 1], out=left[:, :, 1])
-    right = r.new_empty(problems, blocks, 2, chunk_size, head_dim)
-    torch.mul(b.unsqueeze(1), column_scale, out=right[:, :, 0])
-    torch.mul(k.unsqueeze(1), column_scale, out=right[:, :, 1])
+    left = torch.stack([a.view(in_blocks), r.view(in_blocks)], dim=2).mul_(row_scale)
+    right = torch.stack([b, k], dim=1).unsqueeze(1) * column_scale.unsqueeze(2)
     scores = left.view(problems, blocks, 2 * block, head_dim) @ right.view(problems, blocks, -1, head_dim).mT
     invalid = _invalid_scores(chunk_size, block, segment, r.device)
     scores.masked_fill_(invalid, 0.0)
@@ -332,7 +327,19 @@ def _set_score_rows(scores, which, value):
     scores[:, :, which * block : (which + 1) * block] = value.view(problems, blocks, block, columns)
 
 
-@functools.lru_cache(maxsize=16)
+def _cached_when_eager(fn):
+    """`functools.lru_cache(maxsize=16)`, bypassed while torch.compile / torch.export traces: a tensor made during
+    tracing is a placeholder of that trace and must not be handed to later calls."""
+    cached = functools.lru_cache(maxsize=16)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return wrapper
+
+
+@_cached_when_eager
 def _causal_scores(chunk_size, device):
     """Which scores are causal, ``[2, L, L]``: rows for u_t see tokens s < t, rows for y_t see s <= t."""
     position = torch.arange(chunk_size, device=device)
@@ -349,7 +356,7 @@ def _invalid_scores(chunk_size, block, segment, device):
     return _causal_to_invalid(causal, block)
 
 
-@functools.lru_cache(maxsize=16)
+@_cached_when_eager
 def _invalid_scores_without_reset(chunk_size, block, device):
     return _causal_to_invalid(_causal_scores(chunk_size, device), block)
 
@@ -374,7 +381,7 @@ def _to_chunks(x, chunk_size, dtype):
     """``[batch, tokens, heads, dim]`` -> ``[chunks*batch*heads, chunk_size, dim]`` in `dtype`, zero-padded.
     Zero padding is neutral: no write, no removal, and the padded log-decay 0 keeps the state."""
     batch_size, n_tokens, num_heads, dim = x.shape
-    n_full, remainder = divmod(n_tokens, chunk_size)
+    n_full, remainder = n_tokens // chunk_size, n_tokens % chunk_size  # (not divmod: torch.compile traces these)
     out = x.new_empty(n_full + (remainder > 0), batch_size, num_heads, chunk_size, dim, dtype=dtype)
     full = x[:, : n_full * chunk_size].view(batch_size, n_full, chunk_size, num_heads, dim)
     out[:n_full].copy_(full.permute(1, 0, 3, 2, 4))
@@ -389,7 +396,7 @@ def _from_chunks(x, out):
     ``[batch, tokens, heads, dim]`` (in out's dtype), dropping the padding."""
     batch_size, n_tokens, num_heads, dim = out.shape
     chunk_size = x.shape[1]
-    n_full, remainder = divmod(n_tokens, chunk_size)
+    n_full, remainder = n_tokens // chunk_size, n_tokens % chunk_size  # (not divmod: torch.compile traces these)
     x = x.view(-1, batch_size, num_heads, chunk_size, dim)
     full = out[:, : n_full * chunk_size].view(batch_size, n_full, chunk_size, num_heads, dim)
     full.copy_(x[:n_full].permute(1, 0, 3, 2, 4))
