@@ -319,6 +319,36 @@ def test_a_packed_row_gives_each_document_the_losses_it_has_alone(one_thread, wk
     assert (leaked[n1 : n1 + n2 - 1] - alone[1]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize(
+    "collator_options",
+    [
+        {},  # position_ids
+        {"return_position_ids": False, "return_flash_attn_kwargs": True},  # cu_seq_lens_q / _k, max_length_q / _k
+        {"return_position_ids": False, "return_seq_idx": True},
+    ],
+)
+def test_data_collator_with_flattening_gives_each_document_the_losses_it_has_alone(one_thread, collator_options):
+    from transformers import DataCollatorWithFlattening
+
+    model = random_causal_lm(seed=6).eval()
+    generator = torch.Generator().manual_seed(7)
+    documents = [torch.randint(0, 101, (n,), generator=generator).tolist() for n in (9, 30, 17)]
+    batch = DataCollatorWithFlattening(**collator_options)([{"input_ids": doc} for doc in documents])
+    assert batch["input_ids"].shape == (1, 56)
+    assert ("position_ids" in batch) == ("return_position_ids" not in collator_options)
+
+    with torch.no_grad():
+        packed = F.cross_entropy(model(**batch).logits[0, :-1], batch["labels"][0, 1:], reduction="none")
+        alone = [F.cross_entropy(model(torch.tensor([doc])).logits[0, :-1], torch.tensor(doc[1:]), reduction="none")
+                 for doc in documents]
+        leaked = F.cross_entropy(model(batch["input_ids"]).logits[0, :-1], batch["labels"][0, 1:], reduction="none")
+    start = 0
+    for doc, expected in zip(documents, alone):
+        torch.testing.assert_close(packed[start : start + len(doc) - 1], expected, rtol=0, atol=1e-5)
+        start += len(doc)
+    assert (leaked[9:38] - alone[1]).abs().max() > 1e-2
+
+
 # --- multi-process (DDP) ----------------------------------------------------------------------------------------
 
 

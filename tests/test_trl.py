@@ -114,3 +114,25 @@ def test_sft_trainer_trains_each_packed_document_as_if_it_were_alone(mode, tmp_p
         assert gradients[name].abs().max() > 0, name
         expected_weight = before[name] - LEARNING_RATE * gradients[name]
         torch.testing.assert_close(parameter.detach(), expected_weight, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def padding_free_batch(tmp_path_factory):
+    """An SFTTrainer (padding_free=True) on 4 documents, and its first batch."""
+    trainer = sft_trainer("padding_free", random_documents(4, seed=7), tmp_path_factory.mktemp("sft"))
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+@pytest.mark.parametrize("markers", [("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"), ("seq_idx",)])
+def test_padding_free_boundaries_from_varlen_markers_alone_equal_those_from_position_ids(markers, padding_free_batch):
+    """A flattened batch marked only by `cu_seq_lens_q` / `cu_seq_lens_k` (what DataCollatorWithFlattening and the
+    varlen kernels use), or only by `seq_idx`, gives each document its own state, exactly as `position_ids` does."""
+    trainer, batch = padding_free_batch
+    assert {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"} <= set(batch)
+    plain = {key: batch[key] for key in ("input_ids", "labels")}
+    with torch.no_grad():
+        by_positions = trainer.model(**plain, position_ids=batch["position_ids"], fused_lm_head=True).log_probs
+        by_markers = trainer.model(**plain, **{key: batch[key] for key in markers}, fused_lm_head=True).log_probs
+        leaked = trainer.model(**plain, fused_lm_head=True).log_probs
+    torch.testing.assert_close(by_markers, by_positions, rtol=0, atol=1e-6)
+    assert (leaked - by_positions).abs().max() > 1e-2
