@@ -85,3 +85,14 @@ def oracle_logits(oracle, tokens: list[int], state=None):
     if logits.dim() == 1:
         logits = logits[None]
     return logits, state
+
+
+def fill_zero_matrices(model: torch.nn.Module) -> torch.nn.Module:
+    """Fill the matrices the official init leaves at zero (output projections, LoRA down-projections) with random
+    values at a trained scale (std 0.5 / sqrt(fan_in), from the global generator), so that every layer of a
+    randomly initialised model carries signal to the output. In place; returns the model."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2 and torch.count_nonzero(param) == 0:
+                param.normal_(0, 0.5 / param.shape[1] ** 0.5)
+    return model

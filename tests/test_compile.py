@@ -2,6 +2,7 @@
 decoding step gives the eager logits and writes the state in place, and generate() with a compiled forward gives
 the eager tokens."""
 
+import oracle
 import pytest
 import torch
 from transformers import CompileConfig
@@ -17,10 +18,7 @@ def tiny_model(dtype=torch.float32, seed=0) -> RWKV7ForCausalLM:
     torch.manual_seed(seed)
     config = RWKV7Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32)
     model = RWKV7ForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2 and torch.count_nonzero(param) == 0:
-                param.normal_(0, 0.5 / param.shape[1] ** 0.5)
+    oracle.fill_zero_matrices(model)
     return model.to(dtype)
 
 

@@ -241,10 +241,8 @@ def trained_like_model(config: RWKV7Config, seed: int = 0) -> RWKV7ForCausalLM:
     path carries signal at a trained model's scale (logit std ~0.5)."""
     torch.manual_seed(seed)
     model = RWKV7ForCausalLM(config).eval()
+    oracle.fill_zero_matrices(model)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2 and torch.count_nonzero(param) == 0:
-                param.normal_(0, 0.5 / param.shape[1] ** 0.5)
         model.model.embeddings.weight.normal_()
     return model
 
