@@ -33,16 +33,10 @@ from transformers.cache_utils import Cache
 from .configuration_rwkv7 import RWKV7Config
 
 
-# `config.wkv_state_dtype` -> the dtype of `recurrent_state`
-WKV_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def wkv_state_dtype(config: RWKV7Config) -> torch.dtype:
-    """The dtype `config.wkv_state_dtype` names (float32 when the config has no such field)."""
-    name = getattr(config, "wkv_state_dtype", "float32")
-    if name not in WKV_STATE_DTYPES:
-        raise ValueError(f"wkv_state_dtype must be one of {tuple(WKV_STATE_DTYPES)}, got {name!r}.")
-    return WKV_STATE_DTYPES[name]
+    """The dtype of `recurrent_state`: `config.wkv_state_dtype` ("float32", "bfloat16" or "float16"; the config
+    validates it)."""
+    return getattr(torch, config.wkv_state_dtype)
 
 
 def _mark_static(tensors) -> None:
