@@ -8,6 +8,7 @@ os.environ["RWKV_CUDA_ON"] = "0"
 os.environ.setdefault("RWKV_JIT_ON", "0")
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 
 def random_official_state_dict(
@@ -96,3 +97,14 @@ def fill_zero_matrices(model: torch.nn.Module) -> torch.nn.Module:
             if param.dim() == 2 and torch.count_nonzero(param) == 0:
                 param.normal_(0, 0.5 / param.shape[1] ** 0.5)
     return model
+
+
+def folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor stored in the `*.safetensors` files of a model folder (all shards), read with safetensors
+    itself rather than with the package's loaders."""
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return tensors

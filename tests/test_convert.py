@@ -93,15 +93,6 @@ def write_fla_folder(state_dict: dict, folder, **config_changes) -> str:
     return str(folder)
 
 
-def folder_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return tensors
-
-
 def test_official_checkpoint_converts_to_oracle_logits(official_checkpoint, tmp_path):
     state_dict, path, _ = official_checkpoint
     folder = convert_checkpoint(path + ".pth", tmp_path / "converted", dtype="float32", base_model="BlinkDL/rwkv7-g1")
@@ -119,7 +110,7 @@ def test_official_checkpoint_converts_to_oracle_logits(official_checkpoint, tmp_
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 0 and generation["pad_token_id"] == 0
 
-    stored = folder_tensors(folder)
+    stored = oracle.folder_tensors(folder)
     _, expected = official_to_hf(state_dict)
     assert stored.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -150,7 +141,7 @@ def test_cli_writes_bf16_shards_within_the_size_limit(official_checkpoint, tmp_p
         assert len(sizes) == 1 or sum(sizes) <= max_shard_bytes, (shard, sizes)
 
     _, expected = official_to_hf(state_dict)
-    stored = folder_tensors(folder)
+    stored = oracle.folder_tensors(folder)
     assert index["weight_map"].keys() == expected.keys() == stored.keys()
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in stored.values())
     assert index["metadata"]["total_parameters"] == sum(t.numel() for t in expected.values())
@@ -185,7 +176,7 @@ def test_fla_folder_converts_like_the_official_weights(official_checkpoint, tmp_
     from_official = convert_checkpoint(path + ".pth", tmp_path / "from_official")
     from_fla = convert_checkpoint(write_fla_folder(state_dict, tmp_path / "fla"), tmp_path / "from_fla")
 
-    official_tensors, fla_tensors = folder_tensors(from_official), folder_tensors(from_fla)
+    official_tensors, fla_tensors = oracle.folder_tensors(from_official), oracle.folder_tensors(from_fla)
     assert official_tensors.keys() == fla_tensors.keys()
     for name, tensor in official_tensors.items():
         assert torch.equal(fla_tensors[name], tensor), name

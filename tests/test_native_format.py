@@ -10,7 +10,6 @@ import sys
 import oracle
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import modeling_rwkv7  # noqa: F401  (registers rwkv7 with the Auto classes)
@@ -92,15 +91,6 @@ def write_native_folder(state_dict: dict, folder, tie: bool = False, **config_ch
     return str(folder)
 
 
-def folder_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return tensors
-
-
 def logits_of(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
@@ -135,7 +125,7 @@ def test_from_pretrained_reads_the_native_layout(weights, tmp_path):
 
     # a model loaded from the native layout saves in ours, and reloads to the same logits
     model.save_pretrained(tmp_path / "saved")
-    saved = folder_tensors(tmp_path / "saved")
+    saved = oracle.folder_tensors(tmp_path / "saved")
     assert set(saved) == set(ours)
     reloaded = RWKV7ForCausalLM.from_pretrained(tmp_path / "saved").eval()
     assert torch.equal(logits_of(reloaded, tokens), logits_of(reference, tokens))
@@ -164,9 +154,9 @@ def test_converts_both_ways(weights, tmp_path):
     # native -> ours: the same folder as from the official .pth
     from_native = convert_checkpoint(native_folder, tmp_path / "from_native")
     from_official = convert_checkpoint(path + ".pth", tmp_path / "from_official")
-    ours = folder_tensors(from_official)
-    assert folder_tensors(from_native).keys() == ours.keys()
-    for name, tensor in folder_tensors(from_native).items():
+    ours = oracle.folder_tensors(from_official)
+    assert oracle.folder_tensors(from_native).keys() == ours.keys()
+    for name, tensor in oracle.folder_tensors(from_native).items():
         assert torch.equal(tensor, ours[name]), name
     model = AutoModelForCausalLM.from_pretrained(from_native, trust_remote_code=True).eval()
     torch.testing.assert_close(logits_of(model, tokens), expected, rtol=0, atol=1e-4)
@@ -174,7 +164,7 @@ def test_converts_both_ways(weights, tmp_path):
     # ours -> native: the official tensors under `rwkv7.` (layer 0's unused v0/v1/v2 as zeros), its config keys
     main([str(from_official), str(tmp_path / "back"), "--layout", "native", "--dtype", "float32"])
     native = tmp_path / "back"
-    written = folder_tensors(native)
+    written = oracle.folder_tensors(native)
     in_memory = hf_to_native(ours, RWKV7Config.from_pretrained(from_official))
     assert in_memory.keys() == written.keys() and all(torch.equal(in_memory[n], t) for n, t in written.items())
     source = {("head.weight" if k == "head.weight" else "rwkv7." + k): v for k, v in state_dict.items()}
@@ -303,7 +293,7 @@ def test_coexistence_with_a_transformers_that_ships_rwkv7(weights, tmp_path):
     assert report["remote_ours_vs_builtin"] < 1e-4
     assert report["builtin_on_ours_error"] == "num_heads must be hidden_size // head_dim = 2, got 12"
     assert report["builtin_on_ours_missing"] == ["head.weight", "rwkv7.blocks.0.att.a0", "rwkv7.blocks.0.att.a1"]
-    assert report["builtin_on_ours_unexpected"] == len(folder_tensors(ours))
+    assert report["builtin_on_ours_unexpected"] == len(oracle.folder_tensors(ours))
     assert report["replaced_native"] == "modeling_rwkv7.modeling_rwkv7.RWKV7ForCausalLM"
     assert report["replaced_ours"] == "modeling_rwkv7.modeling_rwkv7.RWKV7ForCausalLM"
     assert report["replaced_ours_vs_builtin"] < 1e-4
