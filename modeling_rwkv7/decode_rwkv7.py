@@ -3,7 +3,7 @@ fused kernels instead of ~400 module calls. The eager model stays the reference 
 
 import torch
 
-from .linear_rwkv7 import GEMV_MAX_ROWS
+from .linear_rwkv7 import GEMV_MAX_ROWS, measuring_compiled_products
 
 
 def compile_decode_step(model, batch_size: int = 1, **compile_options):
@@ -11,14 +11,15 @@ def compile_decode_step(model, batch_size: int = 1, **compile_options):
     `RWKV7Cache` (`step(input_ids[:, t : t + 1], past_key_values=cache)`; any other call runs too, compiled again).
 
     Before compiling, one eager step on a scratch state makes `RWKV7Linear`'s few-row product decisions for this
-    batch size (nothing is timed inside the trace, which reads them). The model's state is not touched. Call it
+    batch size, eager and compiled (each candidate compiled alone and timed; nothing is timed inside the trace,
+    which reads them). The model's state is not touched. Call it
     again after changing the thread count. A PEFT model compiles the same way (its adapters are plain modules).
     """
     if not 0 < batch_size <= GEMV_MAX_ROWS:
         raise ValueError(f"batch_size must be in [1, {GEMV_MAX_ROWS}] for a decoding step, got {batch_size}.")
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), measuring_compiled_products():
         scratch = model.init_cache(batch_size=batch_size)
         token = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         model(token, past_key_values=scratch)

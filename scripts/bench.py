@@ -280,7 +280,7 @@ def chosen_paths(spec: dict) -> dict:
         "chunked_min_seq_len": wkv.CHUNKED_MIN_SEQ_LEN,
         "few_row_products": [
             {"out": key[0], "in": key[1], "dtype": str(key[2]).replace("torch.", ""), "rows": key[3],
-             "product": choice.product, "us": {name: s * 1e6 for name, s in choice.seconds.items()},
+             "compiled": key[4], "product": choice.product, "us": {name: s * 1e6 for name, s in choice.seconds.items()},
              "other_cpu_s": choice.other_cpu_seconds}
             for key, choice in linear_rwkv7.few_row_choices.items()
         ],
@@ -420,13 +420,14 @@ def print_paths(results: dict) -> None:
         wkv.add(f"{result['case']}: {paths['wkv']}")
         chunked_from = paths["chunked_min_seq_len"]
         for choice in paths["few_row_products"]:
-            key = (choice["out"], choice["in"], choice["dtype"], choice["rows"])
+            key = (choice["out"], choice["in"], choice["dtype"], choice["rows"], choice["compiled"])
             if key in seen:
                 continue
             seen.add(key)
             timings = ", ".join(f"{name} {us:.0f} us" for name, us in choice["us"].items())
             lines.append(
-                f"  {choice['rows']:2d} row(s) x [{choice['out']:5d}, {choice['in']:4d}] {choice['dtype']:8s} -> "
+                f"  {choice['rows']:2d} row(s) x [{choice['out']:5d}, {choice['in']:4d}] {choice['dtype']:8s} "
+                f"{'compiled' if choice['compiled'] else 'eager':8s} -> "
                 f"{choice['product']:10s} ({timings}; others {choice['other_cpu_s']:.2f} CPU s)"
             )
     if not lines and not wkv:

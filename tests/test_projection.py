@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from modeling_rwkv7 import linear_rwkv7
-from modeling_rwkv7.linear_rwkv7 import FEW_ROW_PRODUCTS, GEMV_MAX_ROWS, FewRowChoice, RWKV7Linear
+from modeling_rwkv7.linear_rwkv7 import CANDIDATES, GEMV_MAX_ROWS, FewRowChoice, RWKV7Linear
+
+DENSE = sorted(CANDIDATES["dense"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,15 +43,17 @@ def random_projection(in_features, out_features, bias, seed, dtype=torch.float32
 
 @pytest.fixture
 def forced_product(monkeypatch):
-    """Returns `force(name)`: from then on every few-row decision of this process reads `name` (no measurement)."""
+    """Returns `force(name)`: from then on every few-row decision of this process, eager (and compiled, unless
+    `compiled_name` says otherwise), reads `name` (no measurement)."""
     monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
     monkeypatch.setattr(linear_rwkv7, "_choices_threads", [torch.get_num_threads()])
 
-    def force(name: str, shapes, dtype=torch.float32):
+    def force(name: str, shapes, dtype=torch.float32, compiled_name=None):
         for in_features, out_features, *_ in shapes:
             for bucket in (1, 2, 4, 8, 16):
-                key = (out_features, in_features, dtype, bucket)
-                linear_rwkv7.few_row_choices[key] = FewRowChoice(name, {}, torch.get_num_threads(), 0.0)
+                for compiled, product in ((False, name), (True, compiled_name or name)):
+                    key = (out_features, in_features, dtype, bucket, compiled)
+                    linear_rwkv7.few_row_choices[key] = FewRowChoice(product, {}, torch.get_num_threads(), 0.0)
 
     return force
 
@@ -76,7 +80,7 @@ def preset_projection_and_reference(in_features, out_features):
     return projection, inputs, expected
 
 
-@pytest.mark.parametrize("product", sorted(FEW_ROW_PRODUCTS))
+@pytest.mark.parametrize("product", DENSE)
 @pytest.mark.parametrize("in_features,out_features", sorted({shape[:2] for shape in SHAPES}))
 def test_every_product_equals_f_linear_for_every_preset_shape(forced_product, product, in_features, out_features):
     """Batch 1..16 (one token each, as when decoding), with and without a bias, float32: F.linear's values."""
@@ -95,7 +99,7 @@ def test_every_product_equals_f_linear_for_every_preset_shape(forced_product, pr
     assert decisions == {product}  # the forced decision was read, nothing was measured instead
 
 
-@pytest.mark.parametrize("product", sorted(FEW_ROW_PRODUCTS))
+@pytest.mark.parametrize("product", DENSE)
 @pytest.mark.parametrize("out_features", [768, 96, 6, 7])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 8), (1, 17)])
 @pytest.mark.parametrize("bias", [False, True])
@@ -118,7 +122,7 @@ def test_values_and_gradients_equal_nn_linear(forced_product, product, out_featu
         assert_close_relative(grad, expected_grad, 1e-5)
 
 
-@pytest.mark.parametrize("product", sorted(FEW_ROW_PRODUCTS))
+@pytest.mark.parametrize("product", DENSE)
 def test_a_lora_adapter_on_top_equals_the_merged_weight(forced_product, product):
     """PEFT's LoRA wraps RWKV7Linear as its base layer: the adapted output is F.linear with the merged weight."""
     from peft import LoraConfig, get_peft_model
@@ -159,7 +163,7 @@ def test_a_corrupted_decision_changes_nothing_but_speed(forced_product):
     shapes = projection_shapes_of(model)
     tokens = torch.randint(0, 1000, (3, 6), generator=torch.Generator().manual_seed(4))
     runs = {}
-    for product in sorted(FEW_ROW_PRODUCTS):
+    for product in DENSE:
         forced_product(product, shapes)
         with torch.no_grad():
             cache = model.init_cache(batch_size=3)
@@ -187,9 +191,9 @@ def test_the_measured_decision_is_a_candidate_and_is_kept(monkeypatch):
         first = projection(inputs)
         (key, choice), = linear_rwkv7.few_row_choices.items()
         assert torch.equal(torch.random.get_rng_state(), rng_state)  # seeded sampling stays reproducible
-        assert key == (192, 96, torch.float32, 2)
-        assert choice.product in FEW_ROW_PRODUCTS and choice.threads == torch.get_num_threads()
-        assert set(choice.seconds) == set(FEW_ROW_PRODUCTS) and all(0 < s < 1 for s in choice.seconds.values())
+        assert key == (192, 96, torch.float32, 2, False)  # an eager decision only, outside compile_decode_step
+        assert choice.product in DENSE and choice.threads == torch.get_num_threads()
+        assert set(choice.seconds) == set(DENSE) and all(0 < s < 1 for s in choice.seconds.values())
         second = projection(inputs)
     assert linear_rwkv7.few_row_choices[key] is choice
     torch.testing.assert_close(second, first, rtol=0, atol=0)
@@ -227,4 +231,52 @@ def test_compiled_projection_reads_the_decision(forced_product):
     compiled = torch.compile(projection, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert_close_relative(compiled(inputs), F.linear(inputs, projection.weight, projection.bias), 1e-5)
-    assert len(linear_rwkv7.few_row_choices) == 5  # no new decision was measured while tracing
+    assert len(linear_rwkv7.few_row_choices) == 10  # no new decision was measured while tracing
+
+
+def bmm_count_of_traced_graph(module, inputs) -> int:
+    """The number of batched products in the graph torch.compile traces for `module(inputs)`."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.compile(module, fullgraph=True, backend=backend)(inputs)
+    (graph,) = graphs
+    return sum(node.target is torch.bmm for node in graph.graph.nodes)
+
+
+def test_a_traced_graph_reads_the_compiled_decision_and_eager_calls_the_eager_one(forced_product):
+    """Eager calls take the eager decision, traced graphs the compiled one (both forced here, opposite ways): the
+    values are F.linear's either way."""
+    forced_product("linear", [(128, 256)], compiled_name="row_blocks")
+    projection = random_projection(128, 256, True, seed=8)
+    inputs = torch.randn(2, 1, 128)
+    expected = F.linear(inputs, projection.weight, projection.bias)
+    with torch.no_grad():
+        assert bmm_count_of_traced_graph(projection, inputs) == 1
+        assert_close_relative(projection(inputs), expected, 1e-5)
+    forced_product("row_blocks", [(128, 256)], compiled_name="linear")
+    with torch.no_grad():
+        assert bmm_count_of_traced_graph(projection, inputs) == 0
+        assert_close_relative(torch.compile(projection, fullgraph=True)(inputs), expected, 1e-5)
+
+
+def test_compiled_decisions_are_measured_only_when_asked(monkeypatch):
+    """Inside `measuring_compiled_products()` an eager call also times the candidates compiled (each one a real
+    inductor graph) and records a compiled decision beside the eager one; outside, only the eager one is made."""
+    monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
+    monkeypatch.setattr(linear_rwkv7, "_choices_threads", [0])
+    projection = random_projection(64, 96, False, seed=9)
+    inputs = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        with linear_rwkv7.measuring_compiled_products():
+            output = projection(inputs)
+        projection(torch.randn(3, 1, 64))  # another rows bucket, outside: eager only
+    assert set(linear_rwkv7.few_row_choices) == {(96, 64, torch.float32, 1, False), (96, 64, torch.float32, 1, True),
+                                                 (96, 64, torch.float32, 4, False)}
+    compiled = linear_rwkv7.few_row_choices[(96, 64, torch.float32, 1, True)]
+    assert compiled.product in DENSE and set(compiled.seconds) == set(DENSE)
+    assert all(0 < s < 1 for s in compiled.seconds.values())
+    assert_close_relative(output, F.linear(inputs, projection.weight), 1e-5)

@@ -3,13 +3,16 @@
 bfloat16 is held to the official package's own bfloat16 error; int8 to the same model with its weights
 dequantized (the quantized product must compute exactly what its int8 values say) and, loosely, to float32."""
 
+import itertools
+
 import oracle
 import pytest
 import torch
+import torch.nn.functional as F
 
-from modeling_rwkv7 import RWKV7ForCausalLM
+from modeling_rwkv7 import RWKV7ForCausalLM, linear_rwkv7
 from modeling_rwkv7.convert_rwkv7 import official_to_hf
-from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
+from modeling_rwkv7.linear_rwkv7 import CANDIDATES, FewRowChoice, RWKV7Linear
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -112,3 +115,69 @@ def test_int8_model_computes_its_dequantized_weights_and_stays_near_float32(int8
     assert max_relative_error(decoded, expected) < 1e-5
     int8_error = max_relative_error(prefill, original)
     assert 1e-4 < int8_error < 0.05  # really quantized, and only by rounding to 255 levels per row
+
+
+def int8_projection(in_features: int, out_features: int, seed: int) -> RWKV7Linear:
+    """An RWKV7Linear with a bias at a trained model's scale, quantized by torchao (int8 weight-only, per row)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    generator = torch.Generator().manual_seed(seed)
+    projection = RWKV7Linear(in_features, out_features)
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(out_features, in_features, generator=generator) / in_features**0.5)
+        projection.bias.copy_(0.5 * torch.randn(out_features, generator=generator))
+    quantize_(projection, Int8WeightOnlyConfig())
+    return projection
+
+
+@pytest.fixture
+def forced_int8_product(monkeypatch):
+    """`force(name, in, out)`: every eager and compiled decision for that int8 weight reads `name`."""
+    monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
+    monkeypatch.setattr(linear_rwkv7, "_choices_threads", [torch.get_num_threads()])
+
+    def force(name: str, in_features: int, out_features: int):
+        for bucket, compiled in itertools.product((1, 2, 4, 8, 16), (False, True)):
+            key = (out_features, in_features, torch.int8, bucket, compiled)
+            linear_rwkv7.few_row_choices[key] = FewRowChoice(name, {}, torch.get_num_threads(), 0.0)
+
+    return force
+
+
+@pytest.mark.parametrize("product", sorted(CANDIDATES["int8_rows"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features,out_features", [(768, 3072), (3072, 768), (64, 768), (768, 32), (128, 1000)])
+def test_every_int8_product_computes_the_dequantized_weight(forced_int8_product, product, dtype, in_features,
+                                                            out_features):
+    """1..16 rows against a torchao int8 weight: F.linear with the dequantized weight, to float32 rounding (float32
+    rows) or bfloat16 rounding of the output (bfloat16 rows, as torchao's own product), whichever product is
+    forced."""
+    forced_int8_product(product, in_features, out_features)
+    projection = int8_projection(in_features, out_features, seed=in_features + out_features)
+    assert linear_rwkv7.weight_kind(projection.weight, dtype) == "int8_rows"
+    dequantized = projection.weight.dequantize().float()
+    generator = torch.Generator().manual_seed(out_features)
+    with torch.no_grad():
+        for rows in range(1, 17):
+            inputs = torch.randn(rows, 1, in_features, generator=generator).to(dtype)
+            output = projection.to(dtype)(inputs)
+            expected = F.linear(inputs.float(), dequantized, projection.bias.float())
+            assert output.shape == (rows, 1, out_features) and output.dtype == dtype
+            assert max_relative_error(output, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    decisions = {choice.product for choice in linear_rwkv7.few_row_choices.values()}
+    assert decisions == {product}  # the forced decision was read, nothing was measured instead
+
+
+@pytest.mark.parametrize("product", sorted(CANDIDATES["int8_rows"]))
+def test_compiled_int8_products_compute_the_dequantized_weight(forced_int8_product, product):
+    """The same under torch.compile (inductor), for one and for three rows."""
+    forced_int8_product(product, 256, 512)
+    projection = int8_projection(256, 512, seed=13)
+    compiled = torch.compile(projection, fullgraph=True)
+    generator = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        for rows in (1, 3):
+            inputs = torch.randn(rows, 1, 256, generator=generator)
+            expected = F.linear(inputs, projection.weight.dequantize().float(), projection.bias)
+            assert max_relative_error(compiled(inputs), expected) < 1e-5
