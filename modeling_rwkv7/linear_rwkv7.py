@@ -170,7 +170,6 @@ def measure_few_row_products(
     warm-up and `_TIMED_PASSES` passes of about `_PASS_SECONDS`, interleaved; the fastest (min over passes) is the
     choice. A measurement during which other processes kept a core busy half the time is taken again, once: on a
     2-core machine such load slows threaded products tens of times."""
-    weight = weight.detach()
     weight_bytes = _stored_bytes(weight)
     weights = [weight] if weight_bytes >= _STREAM_BYTES else _zero_copies(weight, -(-_STREAM_BYTES // weight_bytes))
     per_call = max(1, min(len(weights), _COMPILED_CALL_BYTES // weight_bytes)) if compiled else 1

@@ -181,3 +181,20 @@ def test_compiled_int8_products_compute_the_dequantized_weight(forced_int8_produ
             inputs = torch.randn(rows, 1, 256, generator=generator)
             expected = F.linear(inputs, projection.weight.dequantize().float(), projection.bias)
             assert max_relative_error(compiled(inputs), expected) < 1e-5
+
+
+def test_an_int8_decision_is_measured_under_inference_mode(monkeypatch):
+    """The first call measures both int8 candidates on zero-filled copies of the quantized weight (rebuilt through
+    its tensor-subclass protocol), under `torch.inference_mode()` as generate() runs it, and then computes the
+    dequantized product."""
+    monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
+    monkeypatch.setattr(linear_rwkv7, "_choices_threads", [0])
+    projection = int8_projection(64, 96, seed=15)
+    inputs = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(16))
+    with torch.inference_mode():
+        output = projection(inputs)
+    (key, choice), = linear_rwkv7.few_row_choices.items()
+    assert key == (96, 64, torch.int8, 1, False)
+    assert set(choice.seconds) == set(CANDIDATES["int8_rows"]) and all(0 < s < 1 for s in choice.seconds.values())
+    expected = F.linear(inputs, projection.weight.dequantize().float(), projection.bias)
+    assert max_relative_error(output, expected) < 1e-5
