@@ -1,0 +1,137 @@
+"""Issue 11: the CPU WKV path chosen by measurement. Every chunk size the measurement can choose computes what the
+reference loop computes, a wrong cached decision changes nothing but speed, the decision is measured once per key
+and is only read (never timed) while torch.compile traces."""
+
+import pytest
+import torch
+from test_wkv_chunked import INPUT_NAMES, assert_close_scaled, outputs_and_grads, random_inputs, random_state
+
+from modeling_rwkv7 import wkv
+from modeling_rwkv7.wkv import CHUNK_SIZES, WKVChoice, select_wkv_backend, wkv7, wkv7_recurrent, wkv_choice_key
+from modeling_rwkv7.wkv_chunked import wkv7_chunked
+
+BATCH, HEADS, HEAD_DIM = 2, 2, 64
+KEY = (BATCH * HEADS, HEAD_DIM, torch.float32, False)  # the key of a no-grad call on these shapes
+
+
+def resets(seq_len):
+    """Resets at 0, inside and at the end of chunks, two in a row: different per sequence."""
+    reset = torch.zeros(BATCH, seq_len, dtype=torch.bool)
+    for row, positions in enumerate(([0, 16, 37], [5, 40, 41, seq_len - 1])):
+        reset[row, [p for p in positions if p < seq_len]] = True
+    return reset
+
+
+def assert_all_close(actual, expected, tol=1e-5):
+    assert_close_scaled(actual[0], expected[0], tol, "y")
+    assert_close_scaled(actual[1], expected[1], tol, "final state")
+    assert actual[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        assert_close_scaled(actual[2][name], expected[2][name], tol, f"grad of {name}")
+
+
+@pytest.fixture
+def forced_choice(monkeypatch):
+    """Returns `force(chunk_size, chunked_min_seq_len, key=KEY)`: from then on `wkv_choices` holds only that
+    decision, and any measurement fails the test."""
+    monkeypatch.setattr(wkv, "wkv_choices", {})
+
+    def no_measurement(*key):
+        raise AssertionError(f"measured {key}")
+
+    monkeypatch.setattr(wkv, "measure_wkv_choice", no_measurement)
+
+    def force(chunk_size, chunked_min_seq_len, key=KEY):
+        wkv.wkv_choices[key] = WKVChoice(chunk_size, chunked_min_seq_len, {}, torch.get_num_threads(), 0.0)
+
+    return force
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+def test_every_candidate_chunk_size_matches_the_loop(chunk_size):
+    """At RWKV-7's head size, with resets and an initial state: y, the final state and every gradient."""
+    inputs = random_inputs(BATCH, 70, HEADS, HEAD_DIM, seed=chunk_size)
+    initial_state = random_state(BATCH, HEADS, HEAD_DIM, seed=chunk_size + 1)
+    expected = outputs_and_grads(wkv7_recurrent, inputs, initial_state, resets(70))
+    actual = outputs_and_grads(wkv7_chunked, inputs, initial_state, resets(70), chunk_size=chunk_size)
+    assert_all_close(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "chunk_size, chunked_min_seq_len", [(8, 0), (32, -5), (16, 2), (32, 10**9), (8, 2**63 - 1)]
+)
+@pytest.mark.parametrize("seq_len", [1, 5, 40])
+def test_a_wrong_cached_decision_changes_only_the_speed(forced_choice, chunk_size, chunked_min_seq_len, seq_len):
+    """Whatever chunk size and threshold (absurd ones included) the cache holds, `wkv7` gives the loop's results;
+    the decision is read (the path follows the threshold), not measured again. One token is always a step."""
+    key = (BATCH * HEADS, HEAD_DIM, torch.float32, True)  # the gradients below make it a with-grad call
+    forced_choice(chunk_size, chunked_min_seq_len, key)
+    inputs = random_inputs(BATCH, seq_len, HEADS, HEAD_DIM, seed=seq_len)
+    initial_state = random_state(BATCH, HEADS, HEAD_DIM, seed=seq_len + 1)
+    expected = outputs_and_grads(wkv7_recurrent, inputs, initial_state, resets(seq_len))
+    assert_all_close(outputs_and_grads(wkv7, inputs, initial_state, resets(seq_len)), expected)
+    name, _ = select_wkv_backend("auto", seq_len, torch.device("cpu"), None, key)
+    assert name == ("step" if seq_len == 1 else "chunked" if seq_len >= chunked_min_seq_len else "recurrent")
+
+
+def test_an_illegal_cached_chunk_size_is_refused(forced_choice):
+    """A chunk size the chunked form cannot use raises; it never computes something else."""
+    forced_choice(20, 2)
+    inputs = random_inputs(BATCH, 40, HEADS, HEAD_DIM, seed=9)
+    with torch.no_grad(), pytest.raises(ValueError, match="chunk_size must be"):
+        wkv7(*(inputs[name] for name in INPUT_NAMES))
+
+
+def test_the_key_says_whether_gradients_flow():
+    inputs = random_inputs(3, 4, 12, 64, seed=10)  # 36 problems: the bucket stops at 16
+    r, *others = (inputs[name] for name in INPUT_NAMES)
+    assert wkv_choice_key(r, *others) == (16, 64, torch.float32, False)
+    state = random_state(3, 12, 64, seed=11).requires_grad_()
+    assert wkv_choice_key(r, *others, state) == (16, 64, torch.float32, True)
+    with torch.no_grad():
+        assert wkv_choice_key(r, *others, state) == (16, 64, torch.float32, False)
+    assert wkv_choice_key(r[:1, :, :1].bfloat16())[::2] == (1, torch.bfloat16)
+
+
+def test_the_decision_is_measured_once_and_kept(monkeypatch):
+    """The first eager call that needs it measures (every run gets a time, the global RNG is left alone, the result
+    is a candidate); later calls read the same decision; a call that needs none (one token) measures nothing."""
+    monkeypatch.setattr(wkv, "wkv_choices", {})
+    measured = []
+    measure = wkv.measure_wkv_choice
+    monkeypatch.setattr(wkv, "measure_wkv_choice", lambda *key: measured.append(key) or measure(*key))
+    inputs = random_inputs(BATCH, 40, HEADS, HEAD_DIM, seed=12)
+    rng_state = torch.random.get_rng_state()
+    with torch.no_grad():
+        wkv7(*(inputs[name][:, :1] for name in INPUT_NAMES))
+        assert measured == []
+        first = wkv7(*(inputs[name] for name in INPUT_NAMES))
+        (key, choice), = wkv.wkv_choices.items()
+        second = wkv7(*(inputs[name] for name in INPUT_NAMES))
+    assert measured == [KEY] and key == KEY and wkv.wkv_choices[key] is choice
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # seeded sampling stays reproducible
+    assert choice.chunk_size in CHUNK_SIZES and choice.chunked_min_seq_len >= 2
+    assert choice.threads == torch.get_num_threads() and choice.other_cpu_seconds >= 0
+    assert len(choice.seconds) == 1 + 2 * len(CHUNK_SIZES) and all(0 < s < 1 for s in choice.seconds.values())
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_compiled_call_reads_the_decision_and_times_nothing(forced_choice, cached):
+    """Under torch.compile(fullgraph=True): one graph, no break, nothing measured (the cached decision, or the
+    defaults without one), and the loop's results."""
+    torch._dynamo.reset()
+    if cached:
+        forced_choice(32, 20)
+    inputs = random_inputs(BATCH, 40, HEADS, HEAD_DIM, seed=13)
+    args = [inputs[name] for name in INPUT_NAMES] + [random_state(BATCH, HEADS, HEAD_DIM, seed=14), resets(40)]
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(wkv7)(*args)
+        compiled = torch.compile(wkv7, fullgraph=True, backend="eager")
+        y, state = compiled(*args)
+        expected_y, expected_state = wkv7_recurrent(*args)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert_close_scaled(y, expected_y, 1e-5, "y")
+    assert_close_scaled(state, expected_state, 1e-5, "final state")
+    assert len(wkv.wkv_choices) == (1 if cached else 0)
