@@ -253,7 +253,7 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
         "median": statistics.median(times), "peak_rss_mb": peak_rss_mb(),
     }
     if peer == "ours":
-        result["paths"] = chosen_paths(spec)
+        result["paths"] = chosen_paths()
     return result
 
 
@@ -268,16 +268,17 @@ def _prefill_only(peer, model, spec, tokens):
             model(prompt, use_cache=True)
 
 
-def chosen_paths(spec: dict) -> dict:
-    """What our model ran on this machine: the few-row product decisions and the WKV implementation."""
-    import torch
-
+def chosen_paths() -> dict:
+    """What our model ran on this machine: the few-row product decisions and the WKV decisions (chunk size, and the
+    length from which the chunked form runs instead of the per-token loop)."""
     from modeling_rwkv7 import linear_rwkv7, wkv
 
-    seq_len = spec.get("seq", 1) if spec["kind"] != "decode" else 1
     return {
-        "wkv": wkv.select_wkv_backend("auto", seq_len, torch.device("cpu"), None)[0],
-        "chunked_min_seq_len": wkv.CHUNKED_MIN_SEQ_LEN,
+        "wkv": [
+            {"batch_x_heads": key[0], "head_dim": key[1], "dtype": str(key[2]).replace("torch.", ""),
+             "grad": key[3], "chunk_size": choice.chunk_size, "chunked_min_seq_len": choice.chunked_min_seq_len}
+            for key, choice in wkv.wkv_choices.items()
+        ],
         "few_row_products": [
             {"out": key[0], "in": key[1], "dtype": str(key[2]).replace("torch.", ""), "rows": key[3],
              "compiled": key[4], "product": choice.product, "us": {name: s * 1e6 for name, s in choice.seconds.items()},
@@ -412,13 +413,16 @@ def label(peer: str, dtype: str) -> str:
 
 def print_paths(results: dict) -> None:
     """The decisions of our fp32/bf16/int8 runs, once per (shape, dtype, rows)."""
-    seen, lines, wkv, chunked_from = set(), [], set(), None
+    seen, lines, wkv = set(), [], set()
     for result in results.values():
         paths = result.get("paths")
         if not paths:
             continue
-        wkv.add(f"{result['case']}: {paths['wkv']}")
-        chunked_from = paths["chunked_min_seq_len"]
+        wkv.update(
+            f"  {c['batch_x_heads']:2d} batch x heads of {c['head_dim']}, {c['dtype']}, {'with' if c['grad'] else 'no'} "
+            f"grad: chunks of {c['chunk_size']}, chunked from {c['chunked_min_seq_len']} tokens"
+            for c in paths["wkv"]
+        )
         for choice in paths["few_row_products"]:
             key = (choice["out"], choice["in"], choice["dtype"], choice["rows"], choice["compiled"])
             if key in seen:
@@ -432,7 +436,8 @@ def print_paths(results: dict) -> None:
             )
     if not lines and not wkv:
         return
-    print(f"\nour WKV implementation (chunked from {chunked_from} tokens): " + "; ".join(sorted(wkv)))
+    print("\nour WKV decisions, measured per process:")
+    print("\n".join(sorted(wkv)))
     print("few-row products (decode), measured per process:")
     print("\n".join(sorted(lines)))
 
