@@ -156,6 +156,7 @@ def wkv_choice(key: tuple) -> WKVChoice:
     return choice
 
 
+@torch.autocast("cpu", enabled=False)  # as the chunked form runs; its backward, timed here, needs float32 too
 def measure_wkv_choice(heads: int, head_dim: int, dtype: torch.dtype, with_grad: bool) -> WKVChoice:
     """Time the chunked form at every `CHUNK_SIZES` entry, on one chunk and on `long` tokens (see `_MEASURED_WORK`),
     and the per-token loop on `_LOOP_TOKENS` tokens, for `heads` problems of `head_dim` (synthetic inputs at RWKV-7's

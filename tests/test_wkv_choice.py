@@ -116,6 +116,27 @@ def test_the_decision_is_measured_once_and_kept(monkeypatch):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_a_decision_with_gradients_is_measured_inside_bfloat16_autocast(monkeypatch):
+    """Training under `torch.autocast("cpu", torch.bfloat16)` makes its first decision there: the measurement (whose
+    timed backward recomputes the chunk terms) runs in float32, as the chunked form itself does, and the call then
+    gives the loop's values and gradients."""
+    monkeypatch.setattr(wkv, "wkv_choices", {})
+    inputs = random_inputs(BATCH, 40, HEADS, HEAD_DIM, seed=13)
+    leaves = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = wkv7(*(leaves[name] for name in INPUT_NAMES))
+    (key, choice), = wkv.wkv_choices.items()
+    assert key == (BATCH * HEADS, HEAD_DIM, torch.float32, True) and choice.chunk_size in CHUNK_SIZES
+    reference = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
+    expected_y, expected_state = wkv7_recurrent(*(reference[name] for name in INPUT_NAMES))
+    assert_close_scaled(y, expected_y, 1e-5, "y")
+    assert_close_scaled(state, expected_state, 1e-5, "final state")
+    grads = torch.autograd.grad(y.sum(), [leaves[name] for name in INPUT_NAMES])
+    expected_grads = torch.autograd.grad(expected_y.sum(), [reference[name] for name in INPUT_NAMES])
+    for name, grad, expected_grad in zip(INPUT_NAMES, grads, expected_grads):
+        assert_close_scaled(grad, expected_grad, 1e-5, f"grad of {name}")
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_compiled_call_reads_the_decision_and_times_nothing(forced_choice, cached):
     """Under torch.compile(fullgraph=True): one graph, no break, nothing measured (the cached decision, or the
