@@ -107,6 +107,7 @@ _MAX_MEASURED_HEADS = 16
 _MEASURED_WORK = 2048
 _LOOP_TOKENS = 8  # the per-token loop is timed on this many
 _PASSES = 3  # interleaved passes over the timed runs, the min kept (so the first warms up)
+_CHUNK_SIZE_MARGIN = 0.15  # another chunk size than DEFAULT_CHUNK_SIZE must be this much faster to be chosen
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def measure_wkv_choice(heads: int, head_dim: int, dtype: torch.dtype, with_grad:
         wall = time.perf_counter() - start
         other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
         if choice is None or other_cpu < choice.other_cpu_seconds:
-            chunk_size = min(CHUNK_SIZES, key=lambda size: seconds[f"chunk {size} x {long}"])
+            chunk_size = _chosen_chunk_size({size: seconds[f"chunk {size} x {long}"] for size in CHUNK_SIZES})
             one_chunk = seconds[f"chunk {chunk_size} x {chunk_size}"]
             threshold = _crossover(
                 loop_per_token=seconds[f"loop {_LOOP_TOKENS}"] / _LOOP_TOKENS,
@@ -196,6 +197,16 @@ def measure_wkv_choice(heads: int, head_dim: int, dtype: torch.dtype, with_grad:
         if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
             break
     return choice
+
+
+def _chosen_chunk_size(seconds_per_size: dict[int, float]) -> int:
+    """The fastest chunk size, unless it beats DEFAULT_CHUNK_SIZE by less than `_CHUNK_SIZE_MARGIN`: each size
+    rounds differently, so a near-tie decided by noise would make processes (ranks of one training job, reruns of
+    one script) differ in their float32 results."""
+    fastest = min(seconds_per_size, key=seconds_per_size.get)
+    if seconds_per_size[fastest] < (1 - _CHUNK_SIZE_MARGIN) * seconds_per_size[DEFAULT_CHUNK_SIZE]:
+        return fastest
+    return DEFAULT_CHUNK_SIZE
 
 
 def _crossover(loop_per_token: float, one_chunk: float, per_token_after: float, chunk_size: int) -> int:
@@ -229,8 +240,11 @@ def _timed_call(op, inputs, tokens: int, with_grad: bool):
     leaves = [x.requires_grad_() for x in inputs]
 
     def forward_backward():
-        y, state = op(*leaves)
-        torch.autograd.grad([y, state], leaves, [torch.ones_like(y), torch.ones_like(state)])
+        # identity hooks on top of the stack: an enclosing activation checkpoint (whose first forward may be where
+        # this is measured) must not count or pack the measurement's saved tensors
+        with torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
+            y, state = op(*leaves)
+            torch.autograd.grad([y, state], leaves, [torch.ones_like(y), torch.ones_like(state)])
 
     return forward_backward
 

@@ -156,3 +156,29 @@ def test_a_compiled_call_reads_the_decision_and_times_nothing(forced_choice, cac
     assert_close_scaled(y, expected_y, 1e-5, "y")
     assert_close_scaled(state, expected_state, 1e-5, "final state")
     assert len(wkv.wkv_choices) == (1 if cached else 0)
+
+
+def test_a_near_tie_between_chunk_sizes_keeps_the_default():
+    """Another chunk size is chosen only when clearly faster than the default (16): a noisy near-tie must not make
+    two processes round differently."""
+    assert wkv._chosen_chunk_size({8: 0.95, 16: 1.0, 32: 0.97}) == 16
+    assert wkv._chosen_chunk_size({8: 1.2, 16: 1.0, 32: 0.8}) == 32
+    assert wkv._chosen_chunk_size({8: 0.5, 16: 1.0, 32: 0.9}) == 8
+
+
+def test_a_decision_made_inside_activation_checkpointing_keeps_the_recomputation_identical(monkeypatch):
+    """The first decision made inside a non-reentrant activation checkpoint: the measurement's own saved tensors are
+    not the checkpoint's, so the recomputation matches and the gradients are the loop's."""
+    monkeypatch.setattr(wkv, "wkv_choices", {})
+    inputs = random_inputs(BATCH, 40, HEADS, HEAD_DIM, seed=14)
+    leaves = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
+    y, state = torch.utils.checkpoint.checkpoint(wkv7, *(leaves[name] for name in INPUT_NAMES), use_reentrant=False)
+    assert len(wkv.wkv_choices) == 1
+    grads = torch.autograd.grad((y * y).sum() + state.sum(), [leaves[name] for name in INPUT_NAMES])
+    reference = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
+    expected_y, expected_state = wkv7_recurrent(*(reference[name] for name in INPUT_NAMES))
+    expected_grads = torch.autograd.grad((expected_y * expected_y).sum() + expected_state.sum(),
+                                         [reference[name] for name in INPUT_NAMES])
+    assert_close_scaled(y, expected_y, 1e-5, "y")
+    for name, grad, expected_grad in zip(INPUT_NAMES, grads, expected_grads):
+        assert_close_scaled(grad, expected_grad, 1e-5, f"grad of {name}")
