@@ -12,8 +12,8 @@ def compile_decode_step(model, batch_size: int = 1, **compile_options):
 
     Before compiling, one eager step on a scratch state makes `RWKV7Linear`'s few-row product decisions for this
     batch size, eager and compiled (each candidate compiled alone and timed; nothing is timed inside the trace,
-    which reads them). The model's state is not touched. Call it
-    again after changing the thread count. A PEFT model compiles the same way (its adapters are plain modules).
+    which reads them). The model's state is not touched. Call it again after changing the thread count. A PEFT
+    model compiles the same way (its adapters are plain modules; switching or disabling them retraces).
     """
     if not 0 < batch_size <= GEMV_MAX_ROWS:
         raise ValueError(f"batch_size must be in [1, {GEMV_MAX_ROWS}] for a decoding step, got {batch_size}.")
