@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,23 @@ def _busy_cpu_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS  # all but idle and iowait
 
 
+def timed_while_quiet(time_once: Callable[[], dict]) -> tuple[dict, float]:
+    """`time_once()` (it returns seconds per candidate) and the CPU seconds other processes used meanwhile, taken
+    once more if they kept a core busy half the time (on a 2-core machine such load slows threaded work tens of
+    times): the quieter of the attempts."""
+    quietest = None
+    for _attempt in range(2):
+        busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+        seconds = time_once()
+        wall = time.perf_counter() - start
+        other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
+        if quietest is None or other_cpu < quietest[1]:
+            quietest = seconds, other_cpu
+        if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
+            break
+    return quietest
+
+
 def _zero_copies(weight: torch.Tensor, count: int) -> list[torch.Tensor]:
     """`count` zero-filled weights of `weight`'s shape and format (a tensor subclass is rebuilt from zero-filled
     inner tensors through its `__tensor_flatten__` protocol)."""
@@ -194,25 +211,20 @@ def measure_few_row_products(
             if elapsed > _PASS_SECONDS or count >= len(weights):
                 return elapsed / count
 
-    choice = None
+    def time_once() -> dict:
+        seconds = dict.fromkeys(candidates, math.inf)
+        for timed_pass in range(_TIMED_PASSES + 1):  # pass 0 warms up
+            for name, call in calls.items():
+                elapsed = seconds_per_product(call)
+                if timed_pass:
+                    seconds[name] = min(seconds[name], elapsed)
+        return seconds
+
     with torch.no_grad(), recompiles:
         for call in calls.values():  # compiles, outside the timed passes
             call(inputs, *weights[:per_call])
-        for _attempt in range(2):
-            seconds = dict.fromkeys(candidates, math.inf)
-            busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-            for timed_pass in range(_TIMED_PASSES + 1):  # pass 0 warms up
-                for name, call in calls.items():
-                    elapsed = seconds_per_product(call)
-                    if timed_pass:
-                        seconds[name] = min(seconds[name], elapsed)
-            wall = time.perf_counter() - start
-            other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
-            if choice is None or other_cpu < choice.other_cpu_seconds:
-                choice = FewRowChoice(min(seconds, key=seconds.get), seconds, torch.get_num_threads(), other_cpu)
-            if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
-                break
-    return choice
+        seconds, other_cpu = timed_while_quiet(time_once)
+    return FewRowChoice(min(seconds, key=seconds.get), seconds, torch.get_num_threads(), other_cpu)
 
 
 def few_row_product(weight: torch.Tensor, rows: int, kind: str, input_dtype: torch.dtype) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .configuration_rwkv7 import WKV_BACKENDS
-from .linear_rwkv7 import _busy_cpu_seconds
+from .linear_rwkv7 import timed_while_quiet
 from .wkv_chunked import DEFAULT_CHUNK_SIZE, wkv7_chunked
 
 try:
@@ -173,30 +173,25 @@ def measure_wkv_choice(heads: int, head_dim: int, dtype: torch.dtype, with_grad:
             chunked = functools.partial(wkv7_chunked, chunk_size=chunk_size)
             runs[f"chunk {chunk_size} x {tokens}"] = _timed_call(chunked, inputs, tokens, with_grad)
 
-    choice = None
-    for _attempt in range(2):
+    def time_once() -> dict:
         seconds = dict.fromkeys(runs, math.inf)
-        busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
         for _ in range(_PASSES):
             for name, run in runs.items():
                 run_start = time.perf_counter()
                 run()
                 seconds[name] = min(seconds[name], time.perf_counter() - run_start)
-        wall = time.perf_counter() - start
-        other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
-        if choice is None or other_cpu < choice.other_cpu_seconds:
-            chunk_size = _chosen_chunk_size({size: seconds[f"chunk {size} x {long}"] for size in CHUNK_SIZES})
-            one_chunk = seconds[f"chunk {chunk_size} x {chunk_size}"]
-            threshold = _crossover(
-                loop_per_token=seconds[f"loop {_LOOP_TOKENS}"] / _LOOP_TOKENS,
-                one_chunk=one_chunk,
-                per_token_after=(seconds[f"chunk {chunk_size} x {long}"] - one_chunk) / (long - chunk_size),
-                chunk_size=chunk_size,
-            )
-            choice = WKVChoice(chunk_size, threshold, seconds, torch.get_num_threads(), other_cpu)
-        if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
-            break
-    return choice
+        return seconds
+
+    seconds, other_cpu = timed_while_quiet(time_once)
+    chunk_size = _chosen_chunk_size({size: seconds[f"chunk {size} x {long}"] for size in CHUNK_SIZES})
+    one_chunk = seconds[f"chunk {chunk_size} x {chunk_size}"]
+    threshold = _crossover(
+        loop_per_token=seconds[f"loop {_LOOP_TOKENS}"] / _LOOP_TOKENS,
+        one_chunk=one_chunk,
+        per_token_after=(seconds[f"chunk {chunk_size} x {long}"] - one_chunk) / (long - chunk_size),
+        chunk_size=chunk_size,
+    )
+    return WKVChoice(chunk_size, threshold, seconds, torch.get_num_threads(), other_cpu)
 
 
 def _chosen_chunk_size(seconds_per_size: dict[int, float]) -> int:

@@ -30,3 +30,24 @@ def converted_model(official_checkpoint):
     model = RWKV7ForCausalLM(config)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+@pytest.fixture
+def forced_product(monkeypatch):
+    """Returns `force(name, [(in, out), ...], dtype)`: from then on every few-row decision of this process for those
+    weights (dtype torch.int8 for torchao int8 weights), eager (and compiled, unless `compiled_name` says
+    otherwise), reads `name` (no measurement)."""
+    from modeling_rwkv7 import linear_rwkv7
+    from modeling_rwkv7.linear_rwkv7 import FewRowChoice
+
+    monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
+    monkeypatch.setattr(linear_rwkv7, "_choices_threads", [torch.get_num_threads()])
+
+    def force(name: str, shapes, dtype=torch.float32, compiled_name=None):
+        for in_features, out_features, *_ in shapes:
+            for bucket in (1, 2, 4, 8, 16):
+                for compiled, product in ((False, name), (True, compiled_name or name)):
+                    key = (out_features, in_features, dtype, bucket, compiled)
+                    linear_rwkv7.few_row_choices[key] = FewRowChoice(product, {}, torch.get_num_threads(), 0.0)
+
+    return force

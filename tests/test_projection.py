@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from modeling_rwkv7 import linear_rwkv7
-from modeling_rwkv7.linear_rwkv7 import CANDIDATES, GEMV_MAX_ROWS, FewRowChoice, RWKV7Linear
+from modeling_rwkv7.linear_rwkv7 import CANDIDATES, GEMV_MAX_ROWS, RWKV7Linear
 
 DENSE = sorted(CANDIDATES["dense"])
 
@@ -39,23 +39,6 @@ def random_projection(in_features, out_features, bias, seed, dtype=torch.float32
         if bias:
             projection.bias.copy_(0.5 * torch.randn(out_features, generator=generator))
     return projection.to(dtype)
-
-
-@pytest.fixture
-def forced_product(monkeypatch):
-    """Returns `force(name)`: from then on every few-row decision of this process, eager (and compiled, unless
-    `compiled_name` says otherwise), reads `name` (no measurement)."""
-    monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
-    monkeypatch.setattr(linear_rwkv7, "_choices_threads", [torch.get_num_threads()])
-
-    def force(name: str, shapes, dtype=torch.float32, compiled_name=None):
-        for in_features, out_features, *_ in shapes:
-            for bucket in (1, 2, 4, 8, 16):
-                for compiled, product in ((False, name), (True, compiled_name or name)):
-                    key = (out_features, in_features, dtype, bucket, compiled)
-                    linear_rwkv7.few_row_choices[key] = FewRowChoice(product, {}, torch.get_num_threads(), 0.0)
-
-    return force
 
 
 def assert_close_relative(actual, expected, tol):

@@ -3,8 +3,6 @@
 bfloat16 is held to the official package's own bfloat16 error; int8 to the same model with its weights
 dequantized (the quantized product must compute exactly what its int8 values say) and, loosely, to float32."""
 
-import itertools
-
 import oracle
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 
 from modeling_rwkv7 import RWKV7ForCausalLM, linear_rwkv7
 from modeling_rwkv7.convert_rwkv7 import official_to_hf
-from modeling_rwkv7.linear_rwkv7 import CANDIDATES, FewRowChoice, RWKV7Linear
+from modeling_rwkv7.linear_rwkv7 import CANDIDATES, RWKV7Linear
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -131,29 +129,15 @@ def int8_projection(in_features: int, out_features: int, seed: int) -> RWKV7Line
     return projection
 
 
-@pytest.fixture
-def forced_int8_product(monkeypatch):
-    """`force(name, in, out)`: every eager and compiled decision for that int8 weight reads `name`."""
-    monkeypatch.setattr(linear_rwkv7, "few_row_choices", {})
-    monkeypatch.setattr(linear_rwkv7, "_choices_threads", [torch.get_num_threads()])
-
-    def force(name: str, in_features: int, out_features: int):
-        for bucket, compiled in itertools.product((1, 2, 4, 8, 16), (False, True)):
-            key = (out_features, in_features, torch.int8, bucket, compiled)
-            linear_rwkv7.few_row_choices[key] = FewRowChoice(name, {}, torch.get_num_threads(), 0.0)
-
-    return force
-
-
 @pytest.mark.parametrize("product", sorted(CANDIDATES["int8_rows"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features,out_features", [(768, 3072), (3072, 768), (64, 768), (768, 32), (128, 1000)])
-def test_every_int8_product_computes_the_dequantized_weight(forced_int8_product, product, dtype, in_features,
+def test_every_int8_product_computes_the_dequantized_weight(forced_product, product, dtype, in_features,
                                                             out_features):
     """1..16 rows against a torchao int8 weight: F.linear with the dequantized weight, to float32 rounding (float32
     rows) or bfloat16 rounding of the output (bfloat16 rows, as torchao's own product), whichever product is
     forced."""
-    forced_int8_product(product, in_features, out_features)
+    forced_product(product, [(in_features, out_features)], dtype=torch.int8)
     projection = int8_projection(in_features, out_features, seed=in_features + out_features)
     assert linear_rwkv7.weight_kind(projection.weight, dtype) == "int8_rows"
     dequantized = projection.weight.dequantize().float()
@@ -170,9 +154,9 @@ def test_every_int8_product_computes_the_dequantized_weight(forced_int8_product,
 
 
 @pytest.mark.parametrize("product", sorted(CANDIDATES["int8_rows"]))
-def test_compiled_int8_products_compute_the_dequantized_weight(forced_int8_product, product):
+def test_compiled_int8_products_compute_the_dequantized_weight(forced_product, product):
     """The same under torch.compile (inductor), for one and for three rows."""
-    forced_int8_product(product, 256, 512)
+    forced_product(product, [(256, 512)], dtype=torch.int8)
     projection = int8_projection(256, 512, seed=13)
     compiled = torch.compile(projection, fullgraph=True)
     generator = torch.Generator().manual_seed(14)
