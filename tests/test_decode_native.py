@@ -1,0 +1,430 @@
+"""The native CPU decoding step (`native_decode_step`: the kernel package's `block_decode_step` per block and `gemv`
+for the head) computes what the eager model computes, token after token: float32 weights to float32 rounding;
+bfloat16 weights in float32 (no further from the float32 truth than the eager bfloat16 model); torchao int8
+weights as their dequantized values. `gemv` against F.linear for every projection shape of the presets. What the
+step cannot run (adapters, wrong inputs, a kernel without the ops) is refused by name."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from test_decode_compiled import random_model
+from transformers import DynamicCache
+
+from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+from modeling_rwkv7.cache_rwkv7 import RWKV7Cache
+from modeling_rwkv7.decode_rwkv7 import native_decode_step
+from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
+VOCAB = 1000  # random_model's
+STATE_NAMES = ("recurrent_state", "attn_shift_state", "ffn_shift_state")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The CPU build of kernels/rwkv7_wkv (built, or found up to date, by scripts/build_kernel.py), loaded through
+    the `kernels` library."""
+    import kernels
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_kernel.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
+    )
+    assert result.returncode == 0, f"build_kernel.py failed:\n{result.stdout}\n{result.stderr}"
+    return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max abs error over the largest expected magnitude (shapes must agree, values finite)."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all()
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    return ((actual.float() - expected.float()).abs().max() / scale).item()
+
+
+def decode(step, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Feed `tokens` [batch, n] one at a time through `step` with `cache`; returns the logits [batch, n, VOCAB]."""
+    logits = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            output = step(tokens[:, t : t + 1], past_key_values=cache)
+            assert output.logits.shape == (tokens.shape[0], 1, VOCAB)
+            assert output.past_key_values is cache
+            logits.append(output.logits)
+    return torch.cat(logits, dim=1)
+
+
+def state_errors(actual: RWKV7Cache, expected: RWKV7Cache) -> dict:
+    """{(layer, name): relative error} for every state tensor, after checking shapes and dtypes."""
+    assert len(actual.layers) == len(expected.layers)
+    errors = {}
+    for layer_idx, (actual_layer, expected_layer) in enumerate(zip(actual.layers, expected.layers)):
+        for name in STATE_NAMES:
+            a, e = getattr(actual_layer, name), getattr(expected_layer, name)
+            assert a.shape == e.shape and a.dtype == e.dtype, f"layer {layer_idx} {name}: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
+            errors[layer_idx, name] = relative_error(a, e)
+    return errors
+
+
+def tokens_for(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the step against the eager model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_float32_native_step_matches_the_eager_step_over_64_tokens(kernel, batch):
+    """A 5-token eager prompt, then 64 tokens through the eager model and the native step from copies of its cache:
+    the logits at every token and, at the end, every state tensor and the token count agree to float32 rounding."""
+    model = random_model(seed=50 + batch)
+    tokens = tokens_for(batch, 69, seed=60 + batch)
+    step = native_decode_step(model, kernel)
+    with torch.no_grad():
+        eager_cache = model(tokens[:, :5], use_cache=True).past_key_values
+    native_cache = eager_cache.copy()
+    eager = decode(model, tokens[:, 5:], eager_cache)
+    native = decode(step, tokens[:, 5:], native_cache)
+    assert native.dtype == torch.float32
+    for t in range(64):
+        assert relative_error(native[:, t], eager[:, t]) <= 1e-5, f"token {5 + t}"
+    errors = state_errors(native_cache, eager_cache)
+    assert max(errors.values()) <= 1e-5, errors
+    assert int(native_cache.seen_tokens) == int(eager_cache.seen_tokens) == 69
+
+
+def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(kernel):
+    """bfloat16 weights: the native step computes in float32 (the logits and shift states rounded to bfloat16), the
+    eager bfloat16 model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights.
+    Over 32 tokens from a fresh cache the native step's logits and states are no further from it than the eager
+    bfloat16 model's, and close in absolute terms."""
+    model = random_model(seed=71).to(torch.bfloat16)
+    truth_model = copy.deepcopy(model).float()
+    tokens = tokens_for(2, 32, seed=72)
+    native_cache, eager_cache, truth_cache = (m.init_cache(batch_size=2) for m in (model, model, truth_model))
+    native = decode(native_decode_step(model, kernel), tokens, native_cache)
+    eager = decode(model, tokens, eager_cache)
+    truth = decode(truth_model, tokens, truth_cache)
+    assert native.dtype == eager.dtype == torch.bfloat16
+    native_error, eager_error = relative_error(native, truth), relative_error(eager, truth)
+    assert native_error <= eager_error, (native_error, eager_error)
+    assert native_error <= 1e-2, native_error  # measured ~5e-3: bfloat16 rounding of the outputs and shift states
+    # the states: the native step's (its shift states in the model's dtype, like eager's) vs eager bfloat16's
+    state_errors(native_cache, eager_cache)  # shapes and dtypes
+    native_states, eager_states = _errors_vs(native_cache, truth_cache), _errors_vs(eager_cache, truth_cache)
+    for key, error in native_states.items():
+        assert error <= min(eager_states[key], 1e-2), (key, error, eager_states[key])  # measured 1.5e-3 .. 4.5e-3
+    assert int(native_cache.seen_tokens) == int(truth_cache.seen_tokens) == 32
+
+
+def _errors_vs(actual: RWKV7Cache, truth: RWKV7Cache) -> dict:
+    """State errors against a float32 truth cache (dtypes may differ: the values are compared in float32)."""
+    return {
+        (layer_idx, name): relative_error(getattr(a, name).float(), getattr(e, name))
+        for layer_idx, (a, e) in enumerate(zip(actual.layers, truth.layers))
+        for name in STATE_NAMES
+    }
+
+
+def test_int8_native_step_computes_the_dequantized_weights(kernel):
+    """torchao int8 weight-only (every projection and the head, one scale per row): over 32 tokens from a fresh
+    cache the native step's logits and states equal the float32 eager model holding the dequantized weights."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    original = random_model(seed=81)
+    model = copy.deepcopy(original)
+    quantize_(model, Int8WeightOnlyConfig())
+    projections = {name: m for name, m in model.named_modules() if isinstance(m, RWKV7Linear)}
+    assert "lm_head" in projections and len(projections) == 27  # 12 in layer 0 (no value LoRA), 14 in layer 1, head
+    assert all(m.weight.qdata.dtype == torch.int8 and m.weight.scale.numel() == m.weight.shape[0]
+               for m in projections.values())
+    dequantized = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, module in projections.items():
+            dequantized.get_submodule(name).weight.copy_(module.weight.dequantize())
+    tokens = tokens_for(2, 32, seed=82)
+    native_cache, truth_cache = model.init_cache(batch_size=2), dequantized.init_cache(batch_size=2)
+    native = decode(native_decode_step(model, kernel), tokens, native_cache)
+    truth = decode(dequantized, tokens, truth_cache)
+    assert native.dtype == torch.float32
+    assert relative_error(native, truth) <= 1e-5
+    errors = state_errors(native_cache, truth_cache)
+    assert max(errors.values()) <= 1e-5, errors
+    # really quantized: the original float32 weights give other logits
+    assert relative_error(truth, decode(original, tokens, original.init_cache(batch_size=2))) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_native_step_reads_in_place_weight_updates(kernel, dtype):
+    """The step holds the model's tensors: after in-place changes of a projection, the first and the last norms, a
+    block's norm, a mix and the head, the next tokens are those of the changed model (float32: the eager model
+    itself; bfloat16: the float32 eager model holding the changed bfloat16 weights, as in the bfloat16 test), and
+    differ from before the change."""
+    model = random_model(seed=91).to(dtype)
+    tokens = tokens_for(2, 8, seed=92)
+    step = native_decode_step(model, kernel)
+    native_cache = model.init_cache(batch_size=2)
+    decode(step, tokens[:, :4], native_cache)
+    with torch.no_grad():
+        model.model.layers[1].ffn.value.weight.mul_(-1.5)
+        model.model.layers[0].pre_norm.weight.mul_(2.0)
+        model.model.layers[0].attn_norm.bias.add_(0.5)
+        model.model.layers[1].attn.x_k.mul_(0.25)
+        model.model.norm.weight.mul_(-1.0)
+        model.model.norm.bias.add_(0.5)
+        model.lm_head.weight.mul_(0.5)
+    native = decode(step, tokens[:, 4:], native_cache)
+    truth_model = copy.deepcopy(model).float()
+    truth_cache = truth_model.init_cache(batch_size=2)
+    original = random_model(seed=91).to(dtype).float()
+    original_cache = original.init_cache(batch_size=2)
+    # the truth runs the first 4 tokens with the original weights, the rest with the changed ones
+    decode(original, tokens[:, :4], truth_cache)
+    truth = decode(truth_model, tokens[:, 4:], truth_cache)
+    unchanged = decode(original, tokens, original_cache)[:, 4:]
+    assert relative_error(truth, unchanged) > 0.1
+    assert relative_error(native, truth) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_replaced_parameters_and_modules_are_read_again(kernel):
+    """A parameter or a projection replaced after the step was made is found at the next call and read (the step
+    gives the eager model's tokens); a LoRA adapter attached after it was made is refused at the next call."""
+    model = random_model(seed=95)
+    tokens = tokens_for(2, 8, seed=96)
+    step = native_decode_step(model, kernel)
+    native_cache = model.init_cache(batch_size=2)
+    decode(step, tokens[:, :3], native_cache)
+    eager_cache = model.init_cache(batch_size=2)
+    decode(model, tokens[:, :3], eager_cache)
+    generator = torch.Generator().manual_seed(97)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 128, generator=generator) * 128**-0.5)
+        value = RWKV7Linear(512, 128, bias=False)
+        value.weight.copy_(torch.randn(128, 512, generator=generator) * 512**-0.5)
+        model.model.layers[1].ffn.value = value
+        model.model.layers[0].attn.x_r = torch.nn.Parameter(torch.rand(model.model.layers[0].attn.x_r.shape, generator=generator))
+    eager = decode(model, tokens[:, 3:6], eager_cache)
+    native = decode(step, tokens[:, 3:6], native_cache)
+    assert relative_error(native, eager) <= 1e-5
+    errors = state_errors(native_cache, eager_cache)
+    assert max(errors.values()) <= 1e-5, errors
+
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key"]))  # wraps the model's modules in place
+    with pytest.raises(ValueError, match="merge_and_unload") as refusal:
+        step(tokens[:, 6:7], past_key_values=native_cache)
+    assert "model.layers.0.ffn.key" in str(refusal.value)
+
+
+# --- gemv ----------------------------------------------------------------------------------------------------
+
+
+def projection_shapes(config_file: str) -> list:
+    """The (out, in) shape of every projection of the preset `configuration/<config_file>` (the head included when
+    it has a vocabulary), read off the model built on the meta device."""
+    config = RWKV7Config.from_json_file(str(REPO / "configuration" / config_file))
+    model_class = RWKV7ForCausalLM if config.vocab_size is not None else RWKV7Model
+    with torch.device("meta"):
+        model = model_class(config)
+    return sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+
+
+SMALL_SHAPES = [
+    (file, shape)
+    for file in ("rwkv7-0.1b.json", "seed-default.json")
+    for shape in projection_shapes(file)
+    if shape[0] < 65536
+]
+# random_model's head and odd sizes (tails of every vector width)
+SMALL_SHAPES += [("random_model", (VOCAB, 128)), ("odd", (37, 301)), ("odd", (5, 7))]
+
+
+def test_the_preset_shapes_are_the_expected_ones():
+    """The shape lists below hold what the presets say (so the gemv tests cover the real projections)."""
+    shapes_01b = projection_shapes("rwkv7-0.1b.json")
+    assert set(shapes_01b) == {
+        (768, 768), (64, 768), (768, 64), (32, 768), (768, 32), (128, 768), (768, 128), (3072, 768), (768, 3072),
+        (65536, 768),
+    }
+    assert (256, 287) in projection_shapes("seed-default.json")  # the feature encoder's input projection
+
+
+def int8_rows_weight(out_features: int, in_features: int, generator, scale_dtype=torch.float32):
+    """Random int8 values over the whole range and one positive scale per row (a dequantized weight ~ 1/sqrt(in))."""
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(out_features, generator=generator) + 0.5) * (in_features**-0.5 / 64)
+    return q, scale.to(scale_dtype)
+
+
+@pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8", "int8-bf16-scale"])
+@pytest.mark.parametrize("shape", [shape for _, shape in SMALL_SHAPES], ids=[f"{f}-{s[0]}x{s[1]}" for f, s in SMALL_SHAPES])
+def test_gemv_equals_f_linear(kernel, shape, weight_kind):
+    """1, 2, 3, 5, 8 and 16 float32 rows times every projection weight: F.linear of the float32 rows with the
+    weight's float32 value (an int8 weight: its values times its scales), to float32 rounding, in float32."""
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(out_features * 7919 + in_features)
+    weight, scale, dense = _weight(weight_kind, out_features, in_features, generator)
+    for n in (1, 2, 3, 5, 8, 16):
+        rows = torch.randn(n, in_features, generator=generator)
+        actual = kernel.gemv(rows, weight, scale)
+        assert actual.dtype == torch.float32
+        assert relative_error(actual, F.linear(rows, dense)) <= 1e-5, f"{n} rows"
+
+
+def _weight(kind: str, out_features: int, in_features: int, generator):
+    """(weight, scale or None, its float32 value)."""
+    if kind.startswith("int8"):
+        q, scale = int8_rows_weight(out_features, in_features, generator,
+                                    torch.bfloat16 if kind == "int8-bf16-scale" else torch.float32)
+        return q, scale, q.float() * scale.float()[:, None]
+    weight = (torch.randn(out_features, in_features, generator=generator) * in_features**-0.5).to(getattr(torch, kind))
+    return weight, None, weight.float()
+
+
+@pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8"])
+def test_gemv_the_0_1b_head(kernel, weight_kind):
+    """The 0.1B vocabulary head (65536 x 768), 1 and 16 rows."""
+    generator = torch.Generator().manual_seed(65536)
+    weight, scale, dense = _weight(weight_kind, 65536, 768, generator)
+    for n in (1, 16):
+        rows = torch.randn(n, 768, generator=generator)
+        assert relative_error(kernel.gemv(rows, weight, scale), F.linear(rows, dense)) <= 1e-5, f"{n} rows"
+
+
+@pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8"])
+def test_gemv_bfloat16_rows_return_bfloat16(kernel, weight_kind):
+    """bfloat16 rows: the product of their float32 values, summed in float32 and rounded once to bfloat16."""
+    generator = torch.Generator().manual_seed(3)
+    for out_features, in_features in [(3072, 768), (768, 3072), (64, 768), (VOCAB, 128)]:
+        weight, scale, dense = _weight(weight_kind, out_features, in_features, generator)
+        for n in (1, 3, 16):
+            rows = torch.randn(n, in_features, generator=generator).bfloat16()
+            actual = kernel.gemv(rows, weight, scale)
+            assert actual.dtype == torch.bfloat16 and actual.shape == (n, out_features)
+            expected = F.linear(rows.float(), dense)
+            # one rounding of each output: within half a bfloat16 ulp of the float32 sum (plus float32 rounding)
+            bound = expected.abs() * 2.0**-8 + 1e-5 * expected.abs().max()
+            assert ((actual.float() - expected).abs() <= bound).all(), (out_features, in_features, n)
+
+
+def test_gemv_compiles_fullgraph(kernel):
+    """torch.compile(fullgraph=True) traces gemv through its fake implementation and runs the same product."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(3072, 768, generator=generator) * 768**-0.5
+    q, scale = int8_rows_weight(768, 3072, generator)
+    dense = torch.compile(lambda h: kernel.gemv(h, weight, None), fullgraph=True)
+    quantized = torch.compile(lambda h: kernel.gemv(h, q, scale) * 2, fullgraph=True)
+    rows = torch.randn(3, 768, generator=generator)
+    compiled = dense(rows)
+    assert compiled.shape == (3, 3072) and compiled.dtype == torch.float32
+    assert torch.equal(compiled, kernel.gemv(rows, weight, None))
+    assert relative_error(compiled, F.linear(rows, weight)) <= 1e-5
+    wide_rows = torch.randn(3, 3072, generator=generator)
+    assert relative_error(quantized(wide_rows), 2 * F.linear(wide_rows, q.float() * scale[:, None])) <= 1e-5
+
+
+# --- refusals ------------------------------------------------------------------------------------------------
+
+
+def lora_model(targets: list) -> RWKV7ForCausalLM:
+    """random_model with a LoRA adapter on `targets` whose B matrices (zero at initialisation) are random; returns
+    the PEFT model."""
+    peft_model = get_peft_model(random_model(seed=101), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(102)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=generator)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize(
+    "targets,path",
+    [
+        (["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"], "model.layers.0.attn.r_proj"),
+        (["value"], "model.layers.0.ffn.value"),
+        (["model.layers.1.attn.v_lora.lora.0"], "model.layers.1.attn.v_lora.lora.0"),
+        (["lm_head"], "lm_head"),
+    ],
+)
+def test_a_lora_adapter_is_refused_by_name_and_the_merged_model_decodes(kernel, targets, path):
+    """A model carrying a PEFT LoRA adapter: the step refuses it, naming the first wrapped module and
+    merge_and_unload; the PEFT model itself is refused too. After merge_and_unload() the native step equals the
+    eager merged model (whose logits the adapter changed)."""
+    peft_model = lora_model(targets)
+    tokens = tokens_for(2, 6, seed=103)
+    with pytest.raises((TypeError, ValueError)):
+        native_decode_step(peft_model, kernel)(tokens[:, :1], past_key_values=peft_model.get_base_model().init_cache(2))
+    adapted = peft_model.get_base_model()
+    assert type(adapted) is RWKV7ForCausalLM
+    with pytest.raises(ValueError, match=r"merge_and_unload") as refusal:  # when the step is made or first called
+        native_decode_step(adapted, kernel)(tokens[:, :1], past_key_values=adapted.init_cache(batch_size=2))
+    assert path in str(refusal.value)
+
+    with torch.no_grad():
+        adapted_logits = peft_model(tokens).logits
+    merged = peft_model.merge_and_unload()
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    base = random_model(seed=101)
+    native = decode(native_decode_step(merged, kernel), tokens, merged.init_cache(batch_size=2))
+    eager = decode(merged, tokens, merged.init_cache(batch_size=2))
+    assert relative_error(native, eager) <= 1e-5
+    assert relative_error(native, adapted_logits) <= 1e-5
+    assert relative_error(eager, decode(base, tokens, base.init_cache(batch_size=2))) > 1e-3
+
+
+def test_wrong_inputs_are_refused_by_name(kernel):
+    """Two tokens per row, a cache of another batch size, a cache that is not an RWKV7Cache, a token id outside the
+    vocabulary, an unknown keyword, a WKV state not in float32: each refused with the value named; the cache is left as it was."""
+    model = random_model(seed=111)
+    step = native_decode_step(model, kernel)
+    cache = model.init_cache(batch_size=2)
+    before = [{name: getattr(layer, name).clone() for name in STATE_NAMES} for layer in cache.layers]
+    with pytest.raises(ValueError, match=r"\(1, 2\)"):
+        step(torch.zeros(1, 2, dtype=torch.long), past_key_values=model.init_cache(batch_size=1))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        step(torch.zeros(3, dtype=torch.long), past_key_values=model.init_cache(batch_size=3))
+    with pytest.raises(ValueError, match=r"batch size 2.*batch size 3"):
+        step(torch.zeros(3, 1, dtype=torch.long), past_key_values=cache)
+    with pytest.raises(TypeError, match="DynamicCache"):
+        step(torch.zeros(2, 1, dtype=torch.long), past_key_values=DynamicCache())
+    with pytest.raises(TypeError, match="NoneType"):
+        step(torch.zeros(2, 1, dtype=torch.long), past_key_values=None)
+    with pytest.raises(ValueError, match=f"Token id {VOCAB} .*\\[0, {VOCAB}\\)"):
+        step(torch.tensor([[3], [VOCAB]]), past_key_values=cache)
+    with pytest.raises(ValueError, match="Token id -1 "):
+        step(torch.tensor([[-1], [3]]), past_key_values=cache)
+    with pytest.raises(TypeError, match="attention_mask"):
+        step(torch.zeros(2, 1, dtype=torch.long), past_key_values=cache, attention_mask=torch.ones(2, 1))
+    for layer, saved in zip(cache.layers, before):
+        assert all(torch.equal(getattr(layer, name), saved[name]) for name in STATE_NAMES)
+    assert int(cache.seen_tokens) == 0
+
+    half_state = copy.deepcopy(model)
+    half_state.config.wkv_state_dtype = "bfloat16"
+    with pytest.raises(ValueError, match="bfloat16"):
+        native_decode_step(half_state, kernel)(torch.zeros(1, 1, dtype=torch.long),
+                                               past_key_values=half_state.init_cache(batch_size=1))
+
+
+def test_a_model_without_a_head_or_a_kernel_without_the_ops_is_refused(kernel):
+    """native_decode_step takes an RWKV7ForCausalLM (not the bare RWKV7Model) and a kernel module with the decoding
+    ops (not, e.g., one that has only some of them); the errors name what is wrong."""
+    model = random_model(seed=121)
+    with pytest.raises(TypeError, match="RWKV7Model"):
+        native_decode_step(model.model, kernel)
+    with pytest.raises(ValueError, match="block_decode_step"):
+        native_decode_step(model, SimpleNamespace())
+    with pytest.raises(ValueError, match="block_decode_step") as refusal:
+        native_decode_step(model, SimpleNamespace(gemv=kernel.gemv))
+    assert "'gemv'" not in str(refusal.value)
