@@ -1,9 +1,19 @@
-"""A compiled decoding step: the eager model's own forward, traced once by torch.compile, so that a token costs a few
-fused kernels instead of ~400 module calls. The eager model stays the reference (tests/test_decode_compiled.py)."""
+"""Fast decoding steps beside the eager model, which stays the reference: a compiled step (the eager forward traced
+once by torch.compile, so that a token costs a few fused kernels instead of ~400 module calls;
+tests/test_decode_compiled.py) and a native CPU step through the kernel package's decoding ops
+(tests/test_decode_native.py)."""
+
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .linear_rwkv7 import GEMV_MAX_ROWS, measuring_compiled_products
+from .cache_rwkv7 import RWKV7Cache, wkv_state_dtype
+from .linear_rwkv7 import GEMV_MAX_ROWS, RWKV7Linear, measuring_compiled_products, weight_kind
+from .modeling_rwkv7 import DECAY_SCALE, RWKV7ForCausalLM, _check_token_ids
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def compile_decode_step(model, batch_size: int = 1, **compile_options):
@@ -27,4 +37,193 @@ def compile_decode_step(model, batch_size: int = 1, **compile_options):
     return torch.compile(model, **compile_options)
 
 
-__all__ = ["compile_decode_step"]
+
+
+class NativeDecodeStep:
+    """One token through the whole model in the kernel package's native CPU ops (`kernels/rwkv7_wkv`, CPU build):
+    one `block_decode_step` per block (norms, token shift, the six lerps, the LoRAs, the WKV step, group norm,
+    bonus, gate and the channel mix in float32, the block's state updated in place) and one `gemv` for the head,
+    so that a token costs little more than reading the weights once.
+
+    `step(input_ids [batch, 1], past_key_values=cache)` returns what the eager model returns for that call (logits
+    [batch, 1, vocab] in the model's dtype; the cache updated in place). Weights may be float32, bfloat16 or
+    torchao int8 weight-only with one scale per row; the arithmetic is float32 whatever their dtype (the eager
+    bfloat16 model rounds after every op). The step holds the model's tensors: in-place updates are seen, and a
+    replaced parameter or module is found at the next call (a few microseconds of identity checks) and read
+    again. Modules that are not the model's own (a PEFT adapter, a replaced layer) are refused by name: merge the
+    adapters (`merge_and_unload()`) or use `compile_decode_step`, which traces adapters too. Not differentiable.
+    """
+
+    def __init__(self, model, kernel):
+        if not isinstance(model, RWKV7ForCausalLM):
+            raise TypeError(
+                f"native_decode_step needs an RWKV7ForCausalLM, got {type(model).__name__} (a PEFT model: merge its "
+                "adapters with merge_and_unload() first, or decode with compile_decode_step, which traces them)."
+            )
+        missing = [name for name in ("block_decode_step", "gemv") if not hasattr(kernel, name)]
+        if missing:
+            raise ValueError(
+                f"The kernel module {getattr(kernel, '__name__', kernel)!r} has no {missing}: it is not a CPU build of "
+                "kernels/rwkv7_wkv with the decoding ops (build it with `python scripts/build_kernel.py`)."
+            )
+        if model.device.type != "cpu":
+            raise ValueError(f"native_decode_step runs on CPU; the model is on {model.device}.")
+        self.model, self.kernel = model, kernel
+        config = model.config
+        self._norm_eps, self._group_norm_eps = config.norm_eps, config.head_dim * config.norm_eps
+        self._sources = _Sources()
+        self._tensors = self._read_model()
+
+    def _read_model(self) -> dict:
+        """The model's tensors as the ops take them, recording where each came from."""
+        self._sources = read = _Sources()
+        model = read.child(self.model, "model")
+        layers = read.child(model, "layers")
+        blocks = [_block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}") for i in range(len(layers))]
+        return {
+            "embeddings": read.param(read.child(model, "embeddings"), "weight"),
+            "pre_norm": _norm_tensors(read, read.child(read.child(layers, "0"), "pre_norm")),
+            "blocks": blocks,
+            "norm": _norm_tensors(read, read.child(model, "norm")),
+            "head": _weight_and_scale(read, read.child(self.model, "lm_head"), "lm_head"),
+        }
+
+    def __call__(self, input_ids: torch.LongTensor, past_key_values) -> CausalLMOutputWithPast:
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError(f"input_ids must be [batch, 1] (one token per row), got shape {tuple(input_ids.shape)}.")
+        if not isinstance(past_key_values, RWKV7Cache):
+            raise TypeError(
+                f"past_key_values must be an RWKV7Cache (model.init_cache(batch_size)), got {type(past_key_values).__name__}."
+            )
+        config = self.model.config
+        past_key_values.check_compatible(config, input_ids.shape[0])
+        if wkv_state_dtype(config) != torch.float32:
+            raise ValueError(
+                f"native_decode_step keeps the recurrent state in float32; config.wkv_state_dtype is "
+                f"{config.wkv_state_dtype!r}."
+            )
+        _check_token_ids(input_ids, config.vocab_size)
+        if not self._sources.unchanged():
+            self._tensors = self._read_model()
+        tensors, kernel = self._tensors, self.kernel
+        with torch.no_grad():
+            hidden = _layer_norm(tensors["embeddings"][input_ids[:, 0]].float(), *tensors["pre_norm"])
+            v_first = None
+            for (vectors, weights, scales), state in zip(tensors["blocks"], past_key_values.layers):
+                hidden, value = kernel.block_decode_step(
+                    hidden, v_first, vectors, weights, scales, state.attn_shift_state, state.recurrent_state,
+                    state.ffn_shift_state, self._norm_eps, self._group_norm_eps, DECAY_SCALE,
+                )
+                v_first = value if v_first is None else v_first
+            logits = kernel.gemv(_layer_norm(hidden, *tensors["norm"]), *tensors["head"])
+        past_key_values.add_seen_tokens(1)
+        return CausalLMOutputWithPast(logits=logits.to(self.model.dtype)[:, None], past_key_values=past_key_values)
+
+
+def native_decode_step(model, kernel) -> NativeDecodeStep:
+    """A decoding step for `model` (`RWKV7ForCausalLM` on CPU) through `kernel`, the CPU build of
+    kernels/rwkv7_wkv that the user loaded (`modeling_rwkv7.wkv_kernel.load_wkv_kernel(local_path=...)` or
+    `kernels.get_local_kernel`): native code runs only from a kernel chosen in the caller's own code. See
+    `NativeDecodeStep`."""
+    return NativeDecodeStep(model, kernel)
+
+
+class _Sources:
+    """Where each tensor the native step holds was read from (a module's `_modules` or `_parameters` entry), so
+    that a call can check that none was replaced since."""
+
+    def __init__(self):
+        self.entries = []
+
+    def child(self, module, name: str):
+        return self._read(module._modules, name)
+
+    def param(self, module, name: str):
+        return self._read(module._parameters, name)
+
+    def _read(self, entries: dict, name: str):
+        value = entries[name]
+        self.entries.append((entries, name, value))
+        return value
+
+    def unchanged(self) -> bool:
+        return all(entries.get(name) is value for entries, name, value in self.entries)
+
+
+def _norm_tensors(read: _Sources, norm) -> tuple:
+    """A LayerNorm's (normalized_shape, weight, bias, eps), its parameters as they are (converted at each call)."""
+    return norm.normalized_shape, read.param(norm, "weight"), read.param(norm, "bias"), norm.eps
+
+
+def _layer_norm(hidden: torch.Tensor, normalized_shape, weight, bias, eps) -> torch.Tensor:
+    """F.layer_norm in float32, whatever the parameters' dtype."""
+    return F.layer_norm(hidden, normalized_shape, weight.float(), bias.float(), eps)
+
+
+def _weight_and_scale(read: _Sources, module, path: str, has_bias: bool = False) -> tuple:
+    """The weight of an `RWKV7Linear` as the native ops take it: (a plain float32 / bfloat16 tensor, None), or (int8
+    values, one scale per row) of a torchao int8 weight-only tensor. `has_bias`: its bias is passed separately."""
+    if type(module) is not RWKV7Linear:
+        raise ValueError(
+            f"{path} is a {type(module).__name__}, not the model's own RWKV7Linear (a PEFT adapter or a replaced "
+            "layer): the native decoding step reads plain weights only. Merge the adapters (merge_and_unload()) or "
+            "decode with compile_decode_step(model), which traces any module."
+        )
+    weight = read.param(module, "weight")
+    kind = weight_kind(weight, weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    if (module.bias is not None) != has_bias or kind is None or (kind == "dense" and weight.dtype not in _NATIVE_DTYPES):
+        raise ValueError(
+            f"{path}: the native decoding step takes float32 / bfloat16 weights or torchao int8 weight-only ones "
+            f"with a scale per row, {'with' if has_bias else 'without'} bias; got a {type(weight).__name__} of dtype "
+            f"{weight.dtype} {'with' if module.bias is not None else 'without'} bias."
+        )
+    if kind == "int8_rows":
+        return weight.qdata, weight.scale.view(-1)
+    return weight, None
+
+
+# The projections of a block in the order of the kernel's BLOCK_WEIGHTS; the w, a and v LoRAs' second layers have
+# biases, which are among the vectors.
+_BLOCK_PROJECTIONS = (
+    ("attn", "r_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
+    ("attn", "w_lora", "lora", "0"), ("attn", "w_lora", "lora", "2"), ("attn", "a_lora", "lora", "0"),
+    ("attn", "a_lora", "lora", "2"), ("attn", "v_lora", "lora", "0"), ("attn", "v_lora", "lora", "2"),
+    ("attn", "g_lora", "lora", "0"), ("attn", "g_lora", "lora", "2"), ("ffn", "key"), ("ffn", "value"),
+)
+# The vectors in the order of BLOCK_VECTORS: (module path, parameter name).
+_BLOCK_VECTORS = (
+    (("attn_norm",), "weight"), (("attn_norm",), "bias"), (("attn",), "x_r"), (("attn",), "x_w"), (("attn",), "x_k"),
+    (("attn",), "x_v"), (("attn",), "x_a"), (("attn",), "x_g"), (("attn",), "k_k"), (("attn",), "k_a"),
+    (("attn",), "r_k"), (("attn", "w_lora", "lora", "2"), "bias"), (("attn", "a_lora", "lora", "2"), "bias"),
+    (("attn", "v_lora", "lora", "2"), "bias"), (("attn", "g_norm"), "weight"), (("attn", "g_norm"), "bias"),
+    (("ffn_norm",), "weight"), (("ffn_norm",), "bias"), (("ffn",), "x_k"),
+)
+
+
+def _block_tensors(read: _Sources, layer, path: str) -> tuple[list, list, list]:
+    """The vectors, weights and scales of one `RWKV7Block` in the order of the kernel's `BLOCK_VECTORS` /
+    `BLOCK_WEIGHTS` (None for layer 0's absent value-residual LoRA)."""
+
+    def module_at(names):
+        module = layer
+        for name in names:
+            if name == "v_lora" and layer.layer_idx == 0:
+                return None
+            module = read.child(module, name)
+        return module
+
+    vectors = []
+    for names, param in _BLOCK_VECTORS:
+        module = module_at(names)
+        vectors.append(None if module is None else read.param(module, param))
+    weights, scales = [], []
+    for names in _BLOCK_PROJECTIONS:
+        module = module_at(names)
+        has_bias = names[1] in ("w_lora", "a_lora", "v_lora") and names[-1] == "2"
+        weight, scale = (None, None) if module is None else _weight_and_scale(read, module, f"{path}.{'.'.join(names)}", has_bias)
+        weights.append(weight)
+        scales.append(scale)
+    return vectors, weights, scales
+
+
+__all__ = ["NativeDecodeStep", "compile_decode_step", "native_decode_step"]

@@ -6,7 +6,9 @@ Model: the RWKV-7 0.1B shape (12 layers, hidden 768, vocab 65536) with random we
 Variants of ours (`--dtypes`): fp32; bf16 (bfloat16 weights and activations, float32 recurrent state); int8
 (torchao `Int8WeightOnlyConfig` on every projection, the vocabulary head included, bfloat16 activations; loaded
 with `from_pretrained(..., quantization_config=TorchAoConfig(...))`; no training). `--compiled` adds, for decoding,
-each dtype through `compile_decode_step` (torch.compile; compiled during the warm-up). The peers run fp32.
+each dtype through `compile_decode_step` (torch.compile; compiled during the warm-up); `--native` adds each dtype
+through `native_decode_step` with the CPU build of kernels/rwkv7_wkv (built from this checkout by
+scripts/build_kernel.py). The peers run fp32.
 
 Each case runs in its own process (so peak RSS is per case): one warm-up, then `--reps` timed runs. The variants
 take turns: `--rounds` rounds, each running every variant once, so that a slow spell hits them alike; the median
@@ -21,7 +23,7 @@ our model chose on this machine. `--quality` adds the accuracy of bf16 and int8 
 logit error against fp32, held-out perplexity (data/shakespeare/validation.jsonl), greedy generation of 32 tokens.
 
     pip install -e ".[bench]"
-    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8] [--compiled] [--quality]
+    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8] [--compiled] [--native] [--quality]
                             [--peers ours,rwkv7_hf,rwkv_pip] [--cases ...]
     python scripts/bench.py --smoke          # 1 round, 1 run, fewer tokens: checks that everything runs
 """
@@ -42,6 +44,9 @@ HELD_OUT = os.path.join(REPO, "data", "shakespeare", "validation.jsonl")
 PEERS = ("ours", "rwkv7_hf", "rwkv_pip")
 DTYPES = ("fp32", "bf16", "int8")
 COMPILED = "+compiled"  # a dtype suffix: ours decoding through modeling_rwkv7.decode_rwkv7.compile_decode_step
+NATIVE = "+native"  # a dtype suffix: ours decoding through native_decode_step and the CPU build of kernels/rwkv7_wkv
+DECODE_PATHS = (COMPILED, NATIVE)
+KERNEL_DIR = os.path.join(REPO, "kernels", "rwkv7_wkv")
 CASES = {
     "prefill_1x512": dict(kind="prefill", batch=1, seq=512, last_only=False),
     "prefill_1x512_last": dict(kind="prefill", batch=1, seq=512, last_only=True),
@@ -173,6 +178,13 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def base_dtype(variant: str) -> str:
+    """fp32 / bf16 / int8 of a variant of ours ("bf16+native" -> "bf16")."""
+    for suffix in DECODE_PATHS:
+        variant = variant.removesuffix(suffix)
+    return variant
+
+
 def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens: int, load_limit: float,
              retries: int) -> dict:
     import torch
@@ -208,7 +220,7 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
 
     else:
         if peer == "ours":
-            model = load_ours(path, dtype.removesuffix(COMPILED))
+            model = load_ours(path, base_dtype(dtype))
         else:
             from rwkv7_hf import RWKV7ForCausalLM
 
@@ -229,6 +241,16 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
                 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
 
                 decode = compile_decode_step(model, batch_size=1)
+            elif dtype.endswith(NATIVE):  # the kernel built by main() from this repository
+                from pathlib import Path
+
+                from modeling_rwkv7.decode_rwkv7 import native_decode_step
+                from modeling_rwkv7.wkv_kernel import load_wkv_kernel
+
+                native_step = native_decode_step(model, load_wkv_kernel(None, Path(KERNEL_DIR), required=True))
+
+                def decode(input_ids, past_key_values, use_cache):
+                    return native_step(input_ids, past_key_values=past_key_values)
 
             def step():
                 with torch.inference_mode():
@@ -449,6 +471,8 @@ def main():
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="variants of ours: fp32, bf16, int8")
     parser.add_argument("--compiled", action="store_true", help="also decode with each dtype through torch.compile")
+    parser.add_argument("--native", action="store_true",
+                        help="also decode with each dtype through the native CPU step (builds kernels/rwkv7_wkv's CPU variant)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per decode run")
     parser.add_argument("--load-limit", type=float, default=0.1, help="other processes' cores above which a run is retaken")
@@ -475,7 +499,12 @@ def main():
         unknown = [value for value in values if value not in known]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; expected some of {list(known)}")
-    ours_dtypes = args.dtypes.split(",") + [dtype + COMPILED for dtype in args.dtypes.split(",") if args.compiled]
+    ours_dtypes = args.dtypes.split(",")
+    ours_dtypes += [dtype + suffix for suffix, wanted in ((COMPILED, args.compiled), (NATIVE, args.native))
+                    if wanted for dtype in args.dtypes.split(",")]
+    if args.native:  # the CPU build of the kernel, from this checkout (up to date: nothing is rebuilt)
+        subprocess.run([sys.executable, os.path.join(REPO, "scripts", "build_kernel.py")], check=True,
+                       stdout=subprocess.DEVNULL)
     variants = [(peer, dtype) for peer in peers for dtype in (ours_dtypes if peer == "ours" else ["fp32"])]
     paths = prepare_weights(args.workdir)
     load = {"load_limit": args.load_limit, "retries": args.retries}
@@ -504,7 +533,7 @@ def main():
     for case in cases:
         for round_index in range(args.rounds):
             for peer, dtype in variants:
-                if (peer, dtype, case) in UNSUPPORTED or (dtype.endswith(COMPILED) and CASES[case]["kind"] != "decode"):
+                if (peer, dtype, case) in UNSUPPORTED or (dtype != base_dtype(dtype) and CASES[case]["kind"] != "decode"):
                     continue
                 print(f"round {round_index + 1}/{args.rounds}: {label(peer, dtype):20s} {case} ...", file=sys.stderr, flush=True)
                 run = worker({"job": "case", "peer": peer, "dtype": dtype, "case": case, "path": paths[peer],
@@ -532,7 +561,7 @@ def main():
                 continue
             r = results[(case, peer, dtype)]
             r["median"] = statistics.median(r["times"])
-            r["x_floor"] = r["median"] / floor[dtype.removesuffix(COMPILED)][case]
+            r["x_floor"] = r["median"] / floor[base_dtype(dtype)][case]
             r["ours_fp32_speedup"] = r["median"] / ours["median"] if ours else None
             r["loaded_runs"] = sum(other > args.load_limit for other in r["other_cores"])
             print(

@@ -165,7 +165,7 @@ def test_int8_native_step_computes_the_dequantized_weights(kernel):
     assert relative_error(truth, decode(original, tokens, original.init_cache(batch_size=2))) > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_step_reads_in_place_weight_updates(kernel, dtype):
     """The step holds the model's tensors: after in-place changes of a projection, the first and the last norms, a
     block's norm, a mix and the head, the next tokens are those of the changed model (float32: the eager model

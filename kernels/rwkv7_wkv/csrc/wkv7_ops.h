@@ -30,3 +30,12 @@ WKV7_DECLARE_OPS(cpu)
 WKV7_DECLARE_OPS(cuda)
 
 #undef WKV7_DECLARE_OPS
+
+// CPU decoding ops (csrc/rwkv7_decode_cpu.cpp): a few rows times a float32 / bfloat16 / per-row-scaled int8 weight,
+// and one token through a whole block (the block's state tensors updated in place).
+at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& scale);
+std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
+    const at::Tensor& hidden, const std::optional<at::Tensor>& v_first,
+    const c10::List<std::optional<at::Tensor>>& vectors, const c10::List<std::optional<at::Tensor>>& weights,
+    const c10::List<std::optional<at::Tensor>>& scales, at::Tensor& attn_shift_state, at::Tensor& recurrent_state,
+    at::Tensor& ffn_shift_state, double norm_eps, double group_norm_eps, double decay_scale);

@@ -13,6 +13,10 @@ Per head, with the state ``S`` laid out ``[value, key]``:
 `wkv7` returns ``(y in r's dtype, final_state float32)`` and is differentiable (all inputs, initial_state
 included); `wkv7_decode_step` advances a state by one token in place. Head sizes: `HEAD_SIZES`. `layers.RWKV7WKV`
 is the hub layer `kernels.kernelize` puts in place of `modeling_rwkv7`'s WKV layer.
+
+The CPU build also has the decoding ops: `gemv` (a few rows times a float32, bfloat16 or per-row-scaled int8
+weight) and `block_decode_step` (one token through a whole RWKV-7 block, its state updated in place), which
+`modeling_rwkv7.decode_rwkv7.native_decode_step` drives.
 """
 
 from typing import Optional
@@ -60,6 +64,45 @@ def wkv7_decode_step(
     return ops.decode_step(r, log_decay.float(), k, v, a, b, state)
 
 
+def gemv(rows: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rows [n, in] @ weight [out, in]^T`` (times ``scale [out]`` for an int8 weight), summed in float32 and
+    returned in the rows' dtype (float32 or bfloat16); weight float32, bfloat16 or int8. CPU only."""
+    return ops.gemv(rows, weight, scale)
+
+
+# The vectors and weights of `block_decode_step`, in the op's order (None where layer 0 has none: v0, v1, v2).
+BLOCK_VECTORS = (
+    "attn_norm.weight", "attn_norm.bias", "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k", "w0", "a0",
+    "v0", "g_norm.weight", "g_norm.bias", "ffn_norm.weight", "ffn_norm.bias", "ffn.x_k",
+)
+BLOCK_WEIGHTS = ("r", "k", "v", "o", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2", "ffn.key", "ffn.value")
+
+
+def block_decode_step(
+    hidden: torch.Tensor,
+    v_first: Optional[torch.Tensor],
+    vectors: list,
+    weights: list,
+    scales: list,
+    attn_shift_state: torch.Tensor,
+    recurrent_state: torch.Tensor,
+    ffn_shift_state: torch.Tensor,
+    norm_eps: float,
+    group_norm_eps: float,
+    decay_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token through an RWKV-7 block, in float32. hidden: [batch, hidden] float32, the block's input. v_first:
+    layer 0's value [batch, hidden] float32 (None in layer 0). vectors / weights / scales: in the order of
+    `BLOCK_VECTORS` / `BLOCK_WEIGHTS` (weights [out, in] float32, bfloat16 or int8 with a scale per row, else
+    None). attn_shift_state, ffn_shift_state: [batch, hidden]; recurrent_state: [batch, heads, head_dim,
+    head_dim] float32; all three updated in place. Returns (the block's output [batch, hidden], its value
+    [batch, hidden]: in layer 0, the v_first of the later layers). CPU only."""
+    return ops.block_decode_step(
+        hidden, v_first, vectors, weights, scales, attn_shift_state, recurrent_state, ffn_shift_state,
+        norm_eps, group_norm_eps, decay_scale,
+    )
+
+
 class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_decay, k, v, a, b, initial_state, reset):
@@ -102,6 +145,22 @@ def _decode_step_fake(r, log_decay, k, v, a, b, state):
     return r.new_empty(r.shape)
 
 
+@torch.library.register_fake(add_op_namespace_prefix("gemv"))
+def _gemv_fake(rows, weight, scale):
+    return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake(add_op_namespace_prefix("block_decode_step"))
+def _block_decode_step_fake(
+    hidden, v_first, vectors, weights, scales, attn_shift_state, recurrent_state, ffn_shift_state,
+    norm_eps, group_norm_eps, decay_scale,
+):
+    return hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape)
+
+
 from . import layers  # noqa: E402  (its layers call wkv7)
 
-__all__ = ["CHECKPOINT_INTERVAL", "HEAD_SIZES", "layers", "ops", "wkv7", "wkv7_decode_step"]
+__all__ = [
+    "BLOCK_VECTORS", "BLOCK_WEIGHTS", "CHECKPOINT_INTERVAL", "HEAD_SIZES", "block_decode_step", "gemv", "layers",
+    "ops", "wkv7", "wkv7_decode_step",
+]
