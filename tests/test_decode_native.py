@@ -428,3 +428,24 @@ def test_a_model_without_a_head_or_a_kernel_without_the_ops_is_refused(kernel):
     with pytest.raises(ValueError, match="block_decode_step") as refusal:
         native_decode_step(model, SimpleNamespace(gemv=kernel.gemv))
     assert "'gemv'" not in str(refusal.value)
+
+
+def test_opcheck_gemv_and_block_decode_step(kernel):
+    """torch.library.opcheck (schema with its in-place annotations, fake implementations, AOT dispatch) on both
+    decoding ops, with the tensors of a real block (layer 1, which has the value-residual LoRA) and layer 0."""
+    generator = torch.Generator().manual_seed(41)
+    torch.library.opcheck(kernel.ops.gemv, (torch.randn(3, 128, generator=generator), torch.randn(96, 128, generator=generator), None))
+    q, scale = int8_rows_weight(96, 128, generator)
+    torch.library.opcheck(kernel.ops.gemv, (torch.randn(2, 128, generator=generator), q, scale))
+
+    model = random_model(seed=42)
+    step = native_decode_step(model, kernel)
+    cache = model.init_cache(batch_size=2)
+    for layer_idx, v_first in ((0, None), (1, torch.randn(2, 128, generator=generator))):
+        vectors, weights, scales = step._tensors["blocks"][layer_idx]
+        state = cache.layers[layer_idx]
+        state.recurrent_state.normal_(generator=generator)
+        args = (torch.randn(2, 128, generator=generator), v_first, vectors, weights, scales,
+                state.attn_shift_state.clone(), state.recurrent_state.clone(), state.ffn_shift_state.clone(),
+                1e-5, 64e-5, 0.6)
+        torch.library.opcheck(kernel.ops.block_decode_step, args)

@@ -86,7 +86,8 @@ RWKV7_AVX512 RWKV7_INLINE __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-// y[r, o] as in `gemv_range`, with two accumulators per dot product.
+// y[r, o] as in `gemv_range`, with four accumulators per dot product (the FMA latency would otherwise bound the
+// rate at which int8 and bfloat16 weights, 16 or 32 bytes per 16 values, are read).
 template <typename T>
 RWKV7_AVX512 void gemv_range_avx512(const T* w, const Vector& scale, const float* x, int64_t rows, int64_t in,
                                     float* y, int64_t out, int64_t begin, int64_t end) {
@@ -94,14 +95,13 @@ RWKV7_AVX512 void gemv_range_avx512(const T* w, const Vector& scale, const float
     const T* w_row = w + o * in;
     for (int64_t r = 0; r < rows; ++r) {
       const float* x_row = x + r * in;
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       int64_t i = 0;
-      for (; i + 32 <= in; i += 32) {
-        acc0 = _mm512_fmadd_ps(load16(w_row + i), _mm512_loadu_ps(x_row + i), acc0);
-        acc1 = _mm512_fmadd_ps(load16(w_row + i + 16), _mm512_loadu_ps(x_row + i + 16), acc1);
-      }
-      for (; i + 16 <= in; i += 16) acc0 = _mm512_fmadd_ps(load16(w_row + i), _mm512_loadu_ps(x_row + i), acc0);
-      float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+      for (; i + 64 <= in; i += 64)
+        for (int part = 0; part < 4; ++part)
+          acc[part] = _mm512_fmadd_ps(load16(w_row + i + 16 * part), _mm512_loadu_ps(x_row + i + 16 * part), acc[part]);
+      for (; i + 16 <= in; i += 16) acc[0] = _mm512_fmadd_ps(load16(w_row + i), _mm512_loadu_ps(x_row + i), acc[0]);
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
       for (; i < in; ++i) sum += load1(w_row + i) * x_row[i];
       y[r * out + o] = scale.defined() ? sum * scale[o] : sum;
     }
@@ -138,15 +138,97 @@ GemvRange pick_gemv() {
 
 const GemvRange gemv_range_for_cpu = pick_gemv();
 
-// Output rows per task: about 64 KiB of weight, so that small weights are not split across threads.
-int64_t grain(const Weight& w) {
-  int64_t row_bytes = w.in * (w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1);
-  return std::max<int64_t>(1, (64 << 10) / row_bytes);
+// One WKV step of one head, state S [value i, key j] (N x N, in place): S = S diag(decay) - (S kk) replace^T +
+// v k^T, then y = S r.
+RWKV7_INLINE void wkv_head(float* S, int64_t N, const float* r, const float* decay, const float* k, const float* v,
+                           const float* kk, const float* replace, float* y) {
+  for (int64_t i = 0; i < N; ++i) {
+    float* S_row = S + i * N;
+    float s_kk = 0.f;
+#pragma omp simd reduction(+ : s_kk)
+    for (int64_t j = 0; j < N; ++j) s_kk += S_row[j] * kk[j];
+    float yi = 0.f;
+#pragma omp simd reduction(+ : yi)
+    for (int64_t j = 0; j < N; ++j) {
+      S_row[j] = S_row[j] * decay[j] - s_kk * replace[j] + v[i] * k[j];
+      yi += S_row[j] * r[j];
+    }
+    y[i] = yi;
+  }
 }
 
-// y [rows, out] = x [rows, in] @ w^T, float32, in parallel over output rows.
-void gemv(const Weight& w, const float* x, int64_t rows, float* y) {
-  at::parallel_for(0, w.out, grain(w), [&](int64_t begin, int64_t end) { gemv_range_for_cpu(w, x, rows, y, begin, end); });
+using WkvHead = void (*)(float*, int64_t, const float*, const float*, const float*, const float*, const float*,
+                         const float*, float*);
+#define RWKV7_WKV_FOR_TARGET(name, attributes)                                                                     \
+  attributes void name(float* S, int64_t N, const float* r, const float* decay, const float* k, const float* v, \
+                       const float* kk, const float* replace, float* y) {                                         \
+    wkv_head(S, N, r, decay, k, v, kk, replace, y);                                                               \
+  }
+RWKV7_WKV_FOR_TARGET(wkv_head_avx512, RWKV7_AVX512)
+RWKV7_WKV_FOR_TARGET(wkv_head_avx2, __attribute__((target("avx2,fma"))))
+RWKV7_WKV_FOR_TARGET(wkv_head_baseline, )
+#undef RWKV7_WKV_FOR_TARGET
+const WkvHead wkv_head_for_cpu = gemv_range_for_cpu == gemv_avx512 ? wkv_head_avx512
+                                 : gemv_range_for_cpu == gemv_avx2  ? wkv_head_avx2
+                                                                    : wkv_head_baseline;
+
+int64_t row_bytes(const Weight& w) { return w.in * (w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1); }
+
+// What the thread that computed an output applies to it, while it is in its cache: z = y (+ bias), then
+enum class Finish { kNone, kTanh, kSigmoid, kReluSquare, kDecay };  // z, tanh z, sigmoid z, max(z, 0)^2,
+                                                                      // exp(-decay_scale * sigmoid z)
+
+// One product y [rows, out] = finish(x [rows, in] @ w^T + bias) (float32) of a group.
+struct Product {
+  const Weight& w;
+  const float* x;
+  float* y;
+  Finish finish = Finish::kNone;
+  Vector bias = {};
+  float decay_scale = 0.f;
+};
+
+void finish_rows(const Product& p, int64_t rows, int64_t begin, int64_t end) {
+  if (p.finish == Finish::kNone && !p.bias.defined()) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = begin; o < end; ++o) {
+      float& y = p.y[r * p.w.out + o];
+      const float z = p.bias.defined() ? y + p.bias[o] : y;
+      switch (p.finish) {
+        case Finish::kNone: y = z; break;
+        case Finish::kTanh: y = std::tanh(z); break;
+        case Finish::kSigmoid: y = 1.f / (1.f + std::exp(-z)); break;
+        case Finish::kReluSquare: y = z > 0.f ? z * z : 0.f; break;
+        case Finish::kDecay: y = std::exp(-p.decay_scale / (1.f + std::exp(-z))); break;
+      }
+    }
+}
+
+// The products of a group (independent of each other) in one parallel region: the group's weight bytes are split
+// evenly across the threads (at least 64 KiB each), whatever product each row belongs to.
+void gemv(std::initializer_list<Product> group, int64_t rows) {
+  int64_t total = 0;
+  for (const Product& p : group) total += p.w.out * row_bytes(p.w);
+  const int64_t tasks = std::clamp<int64_t>(total / (64 << 10), 1, at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
+    for (int64_t task = first_task; task < end_task; ++task) {
+      // this task's bytes [low, high); a row is the task's if its first byte is in there
+      const int64_t low = total * task / tasks, high = total * (task + 1) / tasks;
+      int64_t offset = 0;
+      for (const Product& p : group) {
+        const int64_t bytes = row_bytes(p.w);
+        auto first_row_from = [&](int64_t position) {
+          return position <= offset ? 0 : std::min(p.w.out, (position - offset + bytes - 1) / bytes);
+        };
+        const int64_t begin = first_row_from(low), end = first_row_from(high);
+        if (begin < end) {
+          gemv_range_for_cpu(p.w, p.x, rows, p.y, begin, end);
+          finish_rows(p, rows, begin, end);
+        }
+        offset += p.w.out * bytes;
+      }
+    }
+  });
 }
 
 Weight as_weight(const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t index) {
@@ -185,8 +267,6 @@ void layer_norm(const float* x, const Vector& weight, const Vector& bias, float 
   }
 }
 
-// A float32 buffer as a tensor, for ATen's vectorized transcendental functions (in place).
-at::Tensor floats(float* data, int64_t numel) { return at::from_blob(data, {numel}, at::TensorOptions(at::kFloat)); }
 
 }  // namespace
 
@@ -198,7 +278,7 @@ at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, cons
               "rwkv7 gemv: rows must be float32 or bfloat16, got ", rows.scalar_type());
   at::Tensor x = rows.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({rows.size(0), w.out}, rows.options().dtype(at::kFloat));
-  gemv(w, x.data_ptr<float>(), rows.size(0), y.data_ptr<float>());
+  gemv({{w, x.data_ptr<float>(), y.data_ptr<float>()}}, rows.size(0));
   return rows.scalar_type() == at::kFloat ? y : y.to(rows.scalar_type());
 }
 
@@ -262,15 +342,14 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
   check_shape(kFfnValue, C, F);
 
   const int64_t BC = B * C;
-  int64_t max_rank = 0;
-  for (int i : {kW1, kA1, kV1, kG1}) max_rank = std::max(max_rank, mat[i].out);
 
   at::Tensor out = hidden.clone();
   at::Tensor value = at::empty({B, C}, hidden.options());
   float* x = out.data_ptr<float>();
   float* v = value.data_ptr<float>();
   std::vector<float> xn(BC), prev(BC), mixed(6 * BC), r(BC), decay(BC), k(BC), a(BC), g(BC), kk(BC), y(BC),
-      low(B * std::max(max_rank, F)), tmp(BC);
+      tmp(BC), low_w(B * mat[kW1].out), low_a(B * mat[kA1].out), low_g(B * mat[kG1].out),
+      low_v(first_layer ? 0 : B * mat[kV1].out), hidden_ffn(B * F);
 
   // ---- time mix: x += o_proj(...)(attn_norm(x))
   layer_norm(x, V[kAttnNormW], V[kAttnNormB], norm_eps, B, C, xn.data());
@@ -281,38 +360,37 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
   attn_shift_state.copy_(at::from_blob(xn.data(), {B, C}, hidden.options()));
   const int mixes[6] = {kXR, kXW, kXK, kXV, kXA, kXG};
   for (int m = 0; m < 6; ++m)
-    for (int64_t i = 0; i < BC; ++i) mixed[m * BC + i] = xn[i] + (prev[i] - xn[i]) * V[mixes[m]][i % C];
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = b * C + c;
+        mixed[m * BC + i] = xn[i] + (prev[i] - xn[i]) * V[mixes[m]][c];
+      }
   const float *x_r = &mixed[0], *x_w = &mixed[BC], *x_k = &mixed[2 * BC], *x_v = &mixed[3 * BC],
               *x_a = &mixed[4 * BC], *x_g = &mixed[5 * BC];
 
-  gemv(mat[kR], x_r, B, r.data());
-  gemv(mat[kK], x_k, B, k.data());
-  gemv(mat[kV], x_v, B, v);
-  // decay: log_decay = -decay_scale * sigmoid(w0 + w2(tanh(w1 x_w)))
-  gemv(mat[kW1], x_w, B, low.data());
-  floats(low.data(), B * mat[kW1].out).tanh_();
-  gemv(mat[kW2], low.data(), B, decay.data());
-  for (int64_t i = 0; i < BC; ++i) decay[i] += V[kW0][i % C];
-  floats(decay.data(), BC).sigmoid_().mul_(-decay_scale).exp_();
-  // in-context learning rate
-  gemv(mat[kA1], x_a, B, low.data());
-  gemv(mat[kA2], low.data(), B, a.data());
-  for (int64_t i = 0; i < BC; ++i) a[i] += V[kA0][i % C];
-  floats(a.data(), BC).sigmoid_();
-  // output gate
-  gemv(mat[kG1], x_g, B, low.data());
-  floats(low.data(), B * mat[kG1].out).sigmoid_();
-  gemv(mat[kG2], low.data(), B, g.data());
+  // receptance, key, value and the first halves of the LoRAs (decay, learning rate, gate, value residual)
+  // (the w and g LoRAs' activations are applied by the threads that compute them)
+  const Product lora_w1{mat[kW1], x_w, low_w.data(), Finish::kTanh}, lora_g1{mat[kG1], x_g, low_g.data(), Finish::kSigmoid};
+  if (first_layer)
+    gemv({{mat[kR], x_r, r.data()}, {mat[kK], x_k, k.data()}, {mat[kV], x_v, v}, lora_w1,
+          {mat[kA1], x_a, low_a.data()}, lora_g1}, B);
+  else
+    gemv({{mat[kR], x_r, r.data()}, {mat[kK], x_k, k.data()}, {mat[kV], x_v, v}, lora_w1,
+          {mat[kA1], x_a, low_a.data()}, lora_g1, {mat[kV1], x_v, low_v.data()}}, B);
+  // the second halves: decay = exp(-decay_scale * sigmoid(w0 + ...)), learning rate a = sigmoid(a0 + ...), gate g,
+  // value-residual mix sigmoid(v0 + ...)
+  const Product lora_w2{mat[kW2], low_w.data(), decay.data(), Finish::kDecay, V[kW0], static_cast<float>(decay_scale)};
+  const Product lora_a2{mat[kA2], low_a.data(), a.data(), Finish::kSigmoid, V[kA0]};
+  if (first_layer)
+    gemv({lora_w2, lora_a2, {mat[kG2], low_g.data(), g.data()}}, B);
+  else
+    gemv({lora_w2, lora_a2, {mat[kG2], low_g.data(), g.data()}, {mat[kV2], low_v.data(), tmp.data(), Finish::kSigmoid, V[kV0]}}, B);
   // value residual: every later layer mixes in the first layer's value
   if (!first_layer) {
     TORCH_CHECK(v_first->scalar_type() == at::kFloat && v_first->is_contiguous() && v_first->numel() == BC,
                 "rwkv7 block_decode_step: v_first must be contiguous float32 [", B, ", ", C, "], got ",
                 v_first->sizes(), " ", v_first->scalar_type());
     const float* v_first_data = v_first->data_ptr<float>();
-    gemv(mat[kV1], x_v, B, low.data());
-    gemv(mat[kV2], low.data(), B, tmp.data());
-    for (int64_t i = 0; i < BC; ++i) tmp[i] += V[kV0][i % C];
-    floats(tmp.data(), BC).sigmoid_();
     for (int64_t i = 0; i < BC; ++i) v[i] += (v_first_data[i] - v[i]) * tmp[i];
   }
   // removal key (per-head L2-normalized k * k_k), then k scaled by the learning rate
@@ -320,34 +398,23 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     const int64_t o = bh * N;
     float norm = 0.f;
     for (int64_t j = 0; j < N; ++j) {
-      kk[o + j] = k[o + j] * V[kKK][(o + j) % C];
+      kk[o + j] = k[o + j] * V[kKK][(bh % H) * N + j];
       norm += kk[o + j] * kk[o + j];
     }
     norm = std::max(std::sqrt(norm), 1e-12f);
     for (int64_t j = 0; j < N; ++j) kk[o + j] /= norm;
   }
-  for (int64_t i = 0; i < BC; ++i) k[i] *= (1.f - V[kKA][i % C]) + a[i] * V[kKA][i % C];
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) k[b * C + c] *= (1.f - V[kKA][c]) + a[b * C + c] * V[kKA][c];
 
-  // WKV step per (batch, head), state [value i, key j]: S = S diag(w) + (S a) b^T + v k^T with a = -kk, b = kk *
-  // learning rate; y = S r
   float* S_all = recurrent_state.data_ptr<float>();
+  std::vector<float> replace(BC);  // b = kk * learning rate
+  for (int64_t i = 0; i < BC; ++i) replace[i] = kk[i] * a[i];
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t o = bh * N;
-      float* S = S_all + bh * N * N;
-      for (int64_t i = 0; i < N; ++i) {
-        float* S_row = S + i * N;
-        float sa = 0.f;
-#pragma omp simd reduction(+ : sa)
-        for (int64_t j = 0; j < N; ++j) sa -= S_row[j] * kk[o + j];
-        float yi = 0.f;
-#pragma omp simd reduction(+ : yi)
-        for (int64_t j = 0; j < N; ++j) {
-          S_row[j] = S_row[j] * decay[o + j] + sa * kk[o + j] * a[o + j] + v[o + i] * k[o + j];
-          yi += S_row[j] * r[o + j];
-        }
-        y[o + i] = yi;
-      }
+      wkv_head_for_cpu(S_all + bh * N * N, N, r.data() + o, decay.data() + o, k.data() + o, v + o, kk.data() + o,
+                       replace.data() + o, y.data() + o);
     }
   });
   // group norm per head, plus the bonus v * ((r * k) . r_k), times the gate
@@ -365,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
       tmp[o + j] = (normed + v[o + j] * bonus) * g[o + j];
     }
   }
-  gemv(mat[kO], tmp.data(), B, y.data());
+  gemv({{mat[kO], tmp.data(), y.data()}}, B);
   for (int64_t i = 0; i < BC; ++i) x[i] += y[i];
 
   // ---- channel mix: x += value(relu(key(lerp(ffn_norm(x), previous, x_k)))^2)
@@ -375,10 +442,13 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     for (int64_t i = 0; i < BC; ++i) prev[i] = shift[i];
   }
   ffn_shift_state.copy_(at::from_blob(xn.data(), {B, C}, hidden.options()));
-  for (int64_t i = 0; i < BC; ++i) tmp[i] = xn[i] + (prev[i] - xn[i]) * V[kFfnXK][i % C];
-  gemv(mat[kFfnKey], tmp.data(), B, low.data());
-  for (int64_t i = 0; i < B * F; ++i) low[i] = low[i] > 0.f ? low[i] * low[i] : 0.f;
-  gemv(mat[kFfnValue], low.data(), B, y.data());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = b * C + c;
+      tmp[i] = xn[i] + (prev[i] - xn[i]) * V[kFfnXK][c];
+    }
+  gemv({{mat[kFfnKey], tmp.data(), hidden_ffn.data(), Finish::kReluSquare}}, B);
+  gemv({{mat[kFfnValue], hidden_ffn.data(), y.data()}}, B);
   for (int64_t i = 0; i < BC; ++i) x[i] += y[i];
   return {out, value};
 }
