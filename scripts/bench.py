@@ -247,7 +247,8 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
                 from modeling_rwkv7.decode_rwkv7 import native_decode_step
                 from modeling_rwkv7.wkv_kernel import load_wkv_kernel
 
-                native_step = native_decode_step(model, load_wkv_kernel(None, Path(KERNEL_DIR), required=True))
+                kernel = load_wkv_kernel(None, Path(KERNEL_DIR), required=True)
+                native_step = native_decode_step(model, kernel)
 
                 def decode(input_ids, past_key_values, use_cache):
                     return native_step(input_ids, past_key_values=past_key_values)
@@ -276,6 +277,8 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
     }
     if peer == "ours":
         result["paths"] = chosen_paths()
+        if dtype.endswith(NATIVE):
+            result["paths"]["native_vector_bits"] = kernel.decode_vector_bits()
     return result
 
 
@@ -435,11 +438,13 @@ def label(peer: str, dtype: str) -> str:
 
 def print_paths(results: dict) -> None:
     """The decisions of our fp32/bf16/int8 runs, once per (shape, dtype, rows)."""
-    seen, lines, wkv = set(), [], set()
+    seen, lines, wkv, native = set(), [], set(), set()
     for result in results.values():
         paths = result.get("paths")
         if not paths:
             continue
+        if "native_vector_bits" in paths:
+            native.add(paths["native_vector_bits"])
         wkv.update(
             f"  {c['batch_x_heads']:2d} batch x heads of {c['head_dim']}, {c['dtype']}, {'with' if c['grad'] else 'no'} "
             f"grad: chunks of {c['chunk_size']}, chunked from {c['chunked_min_seq_len']} tokens"
@@ -462,6 +467,8 @@ def print_paths(results: dict) -> None:
     print("\n".join(sorted(wkv)))
     print("few-row products (decode), measured per process:")
     print("\n".join(sorted(lines)))
+    if native:
+        print(f"native decode step (kernels/rwkv7_wkv CPU build): {', '.join(map(str, sorted(native)))}-bit vector loops")
 
 
 def main():

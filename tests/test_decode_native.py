@@ -449,3 +449,44 @@ def test_opcheck_gemv_and_block_decode_step(kernel):
                 state.attn_shift_state.clone(), state.recurrent_state.clone(), state.ffn_shift_state.clone(),
                 1e-5, 64e-5, 0.6)
         torch.library.opcheck(kernel.ops.block_decode_step, args)
+
+
+_VARIANT_CHECK = r"""
+import sys, torch, kernels
+sys.path.insert(0, {tests!r})
+from test_decode_compiled import random_model
+from modeling_rwkv7.decode_rwkv7 import native_decode_step
+from pathlib import Path
+kernel = kernels.get_local_kernel(Path({kernel_dir!r}), backend="cpu")
+model = random_model(seed=51)
+tokens = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(52))
+step = native_decode_step(model, kernel)
+worst = 0.0
+with torch.no_grad():
+    eager_cache = model(tokens[:, :4], use_cache=True).past_key_values
+    native_cache = eager_cache.copy()
+    for t in range(4, 20):
+        eager = model(tokens[:, t : t + 1], past_key_values=eager_cache).logits
+        native = step(tokens[:, t : t + 1], past_key_values=native_cache).logits
+        worst = max(worst, float((native - eager).abs().max() / eager.abs().max()))
+    for weight in (torch.randn(70, 133), torch.randn(70, 133).bfloat16()):  # odd sizes: the vector tails too
+        rows = torch.randn(3, 133)
+        worst = max(worst, float((kernel.gemv(rows, weight) - rows @ weight.float().T).abs().max() / 10))
+print(kernel.decode_vector_bits(), worst)
+"""
+
+
+@pytest.mark.parametrize("capability, bits", [("avx2", 256), ("default", 128)])
+def test_every_isa_variant_matches_the_eager_step(kernel, capability, bits):
+    """The AVX2 and baseline builds of the loops (chosen by ATEN_CPU_CAPABILITY, as torch's own kernels are) give
+    the eager model's logits (batch 2, 16 tokens) and F.linear's products, each in a process of its own; the
+    variant in use is the one asked for, or the best below it that the CPU has."""
+    script = _VARIANT_CHECK.format(tests=str(REPO / "tests"), kernel_dir=str(KERNEL_DIR))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    used_bits, worst = result.stdout.split()[-2:]
+    assert int(used_bits) == min(bits, kernel.decode_vector_bits())
+    assert float(worst) <= 1e-5

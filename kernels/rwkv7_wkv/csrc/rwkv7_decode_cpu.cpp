@@ -2,13 +2,15 @@
 // `block_decode_step` (one token through a whole RWKV-7 block: norms, token shift, the six lerps, the LoRAs, the
 // WKV step, group norm, bonus, gate and the channel mix, in float32, with the block's state updated in place).
 // The arithmetic follows modeling_rwkv7/modeling_rwkv7.py, which tests/test_decode_native.py checks it against.
-// The matrix-vector loops are compiled for AVX-512, AVX2 and the baseline ISA and picked at run time.
+// The matrix-vector and WKV loops are compiled for AVX-512, AVX2 and the baseline ISA and picked at load time.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "wkv7_ops.h"
@@ -127,12 +129,15 @@ RWKV7_GEMV_FOR_TARGET(gemv_avx2, __attribute__((target("avx2,fma"))), gemv_range
 RWKV7_GEMV_FOR_TARGET(gemv_baseline, , gemv_range)
 #undef RWKV7_GEMV_FOR_TARGET
 
+// The best variant the CPU runs, capped like torch's own kernels by ATEN_CPU_CAPABILITY ("default", "avx2").
 GemvRange pick_gemv() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string limit = cap ? cap : "";
+  if (limit != "default" && limit != "avx2" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return gemv_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemv_avx2;
+  if (limit != "default" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemv_avx2;
   return gemv_baseline;
 }
 
@@ -269,6 +274,10 @@ void layer_norm(const float* x, const Vector& weight, const Vector& bias, float 
 
 
 }  // namespace
+
+int64_t rwkv7_decode_vector_bits_cpu() {
+  return gemv_range_for_cpu == gemv_avx512 ? 512 : gemv_range_for_cpu == gemv_avx2 ? 256 : 128;
+}
 
 at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& scale) {
   Weight w = as_weight(weight, scale, 0);

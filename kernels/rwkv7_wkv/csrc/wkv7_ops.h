@@ -34,6 +34,7 @@ WKV7_DECLARE_OPS(cuda)
 // CPU decoding ops (csrc/rwkv7_decode_cpu.cpp): a few rows times a float32 / bfloat16 / per-row-scaled int8 weight,
 // and one token through a whole block (the block's state tensors updated in place).
 at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& scale);
+int64_t rwkv7_decode_vector_bits_cpu();  // 512, 256 or 128: the variant of the loops in use (AVX-512, AVX2, baseline)
 std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     const at::Tensor& hidden, const std::optional<at::Tensor>& v_first,
     const c10::List<std::optional<at::Tensor>>& vectors, const c10::List<std::optional<at::Tensor>>& weights,

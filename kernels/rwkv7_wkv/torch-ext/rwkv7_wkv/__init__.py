@@ -70,6 +70,12 @@ def gemv(rows: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor]
     return ops.gemv(rows, weight, scale)
 
 
+def decode_vector_bits() -> int:
+    """The vector width of the decoding ops' loops on this CPU: 512 (AVX-512), 256 (AVX2 + FMA) or 128 (the
+    baseline), the best the CPU has, capped by ``ATEN_CPU_CAPABILITY`` ("default", "avx2") as torch's kernels are."""
+    return ops.decode_vector_bits()
+
+
 # The vectors and weights of `block_decode_step`, in the op's order (None where layer 0 has none: v0, v1, v2).
 BLOCK_VECTORS = (
     "attn_norm.weight", "attn_norm.bias", "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k", "w0", "a0",
@@ -161,6 +167,7 @@ def _block_decode_step_fake(
 from . import layers  # noqa: E402  (its layers call wkv7)
 
 __all__ = [
-    "BLOCK_VECTORS", "BLOCK_WEIGHTS", "CHECKPOINT_INTERVAL", "HEAD_SIZES", "block_decode_step", "gemv", "layers",
+    "BLOCK_VECTORS", "BLOCK_WEIGHTS", "CHECKPOINT_INTERVAL", "HEAD_SIZES", "block_decode_step", "decode_vector_bits",
+    "gemv", "layers",
     "ops", "wkv7", "wkv7_decode_step",
 ]
