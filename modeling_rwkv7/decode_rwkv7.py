@@ -37,8 +37,6 @@ def compile_decode_step(model, batch_size: int = 1, **compile_options):
     return torch.compile(model, **compile_options)
 
 
-
-
 class NativeDecodeStep:
     """One token through the whole model in the kernel package's native CPU ops (`kernels/rwkv7_wkv`, CPU build):
     one `block_decode_step` per block (norms, token shift, the six lerps, the LoRAs, the WKV step, group norm,
@@ -71,7 +69,6 @@ class NativeDecodeStep:
         self.model, self.kernel = model, kernel
         config = model.config
         self._norm_eps, self._group_norm_eps = config.norm_eps, config.head_dim * config.norm_eps
-        self._sources = _Sources()
         self._tensors = self._read_model()
 
     def _read_model(self) -> dict:
@@ -101,6 +98,11 @@ class NativeDecodeStep:
             raise ValueError(
                 f"native_decode_step keeps the recurrent state in float32; config.wkv_state_dtype is "
                 f"{config.wkv_state_dtype!r}."
+            )
+        if self.model.training and config.dropout > 0:
+            raise ValueError(
+                f"native_decode_step computes the inference step, without dropout (config.dropout={config.dropout}); "
+                "call model.eval() first."
             )
         _check_token_ids(input_ids, config.vocab_size)
         if not self._sources.unchanged():

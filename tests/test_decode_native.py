@@ -430,6 +430,27 @@ def test_a_model_without_a_head_or_a_kernel_without_the_ops_is_refused(kernel):
     assert "'gemv'" not in str(refusal.value)
 
 
+def test_a_training_model_with_dropout_is_refused_and_decodes_in_eval_mode(kernel):
+    """The native step is the inference step: with dropout > 0 a model in training mode is refused (the eager model
+    would drop activations), naming the dropout; after model.eval() it decodes as the eager model does."""
+    config = RWKV7Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512,
+                         dropout=0.1)
+    model = RWKV7ForCausalLM(config)
+    step = native_decode_step(model, kernel)
+    token = torch.tensor([[7]])
+    cache = model.init_cache(batch_size=1)
+    with pytest.raises(ValueError, match=r"dropout=0\.1"):
+        step(token, past_key_values=cache)
+    assert int(cache.seen_tokens) == 0
+    model.eval()
+    eager_cache = model.init_cache(batch_size=1)
+    with torch.no_grad():
+        expected = model(token, past_key_values=eager_cache).logits
+    actual = step(token, past_key_values=cache).logits
+    assert actual.shape == expected.shape == (1, 1, VOCAB)
+    assert relative_error(actual, expected) <= 1e-5
+
+
 def test_opcheck_gemv_and_block_decode_step(kernel):
     """torch.library.opcheck (schema with its in-place annotations, fake implementations, AOT dispatch) on both
     decoding ops, with the tensors of a real block (layer 1, which has the value-residual LoRA) and layer 0."""

@@ -173,15 +173,16 @@ RWKV7_WKV_FOR_TARGET(wkv_head_avx512, RWKV7_AVX512)
 RWKV7_WKV_FOR_TARGET(wkv_head_avx2, __attribute__((target("avx2,fma"))))
 RWKV7_WKV_FOR_TARGET(wkv_head_baseline, )
 #undef RWKV7_WKV_FOR_TARGET
+
 const WkvHead wkv_head_for_cpu = gemv_range_for_cpu == gemv_avx512 ? wkv_head_avx512
                                  : gemv_range_for_cpu == gemv_avx2  ? wkv_head_avx2
                                                                     : wkv_head_baseline;
 
 int64_t row_bytes(const Weight& w) { return w.in * (w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1); }
 
-// What the thread that computed an output applies to it, while it is in its cache: z = y (+ bias), then
-enum class Finish { kNone, kTanh, kSigmoid, kReluSquare, kDecay };  // z, tanh z, sigmoid z, max(z, 0)^2,
-                                                                      // exp(-decay_scale * sigmoid z)
+// What the thread that computed an output applies to it while it is in its cache, with z = y (+ bias): kNone z,
+// kTanh tanh z, kSigmoid sigmoid z, kReluSquare max(z, 0)^2, kDecay exp(-decay_scale * sigmoid z).
+enum class Finish { kNone, kTanh, kSigmoid, kReluSquare, kDecay };
 
 // One product y [rows, out] = finish(x [rows, in] @ w^T + bias) (float32) of a group.
 struct Product {
