@@ -8,10 +8,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .cache_rwkv7 import RWKV7Cache, wkv_state_dtype
 from .linear_rwkv7 import GEMV_MAX_ROWS, RWKV7Linear, measuring_compiled_products, weight_kind
 from .modeling_rwkv7 import DECAY_SCALE, RWKV7ForCausalLM, _check_token_ids
+
+logger = logging.get_logger(__name__)
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,8 +51,10 @@ class NativeDecodeStep:
     torchao int8 weight-only with one scale per row; the arithmetic is float32 whatever their dtype (the eager
     bfloat16 model rounds after every op). The step holds the model's tensors: in-place updates are seen, and a
     replaced parameter or module is found at the next call (a few microseconds of identity checks) and read
-    again. Modules that are not the model's own (a PEFT adapter, a replaced layer) are refused by name: merge the
-    adapters (`merge_and_unload()`) or use `compile_decode_step`, which traces adapters too. Not differentiable.
+    again. While the model holds a module the ops cannot read (a PEFT adapter, a replaced layer, weights in
+    another format), the step runs the eager model instead and says so once, naming the module: merge the adapters
+    (`merge_and_unload()`) to decode natively, or use `compile_decode_step`, which traces adapters. A tuned initial
+    state (`RWKV7StateTuning.initial_cache`) is a cache like any other. Not differentiable.
     """
 
     def __init__(self, model, kernel):
@@ -71,19 +76,27 @@ class NativeDecodeStep:
         self._norm_eps, self._group_norm_eps = config.norm_eps, config.head_dim * config.norm_eps
         self._tensors = self._read_model()
 
-    def _read_model(self) -> dict:
-        """The model's tensors as the ops take them, recording where each came from."""
+    def _read_model(self) -> Optional[dict]:
+        """The model's tensors as the ops take them, recording where each came from; None (said once) while a
+        module is one the ops cannot read."""
         self._sources = read = _Sources()
-        model = read.child(self.model, "model")
-        layers = read.child(model, "layers")
-        blocks = [_block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}") for i in range(len(layers))]
-        return {
-            "embeddings": read.param(read.child(model, "embeddings"), "weight"),
-            "pre_norm": _norm_tensors(read, read.child(read.child(layers, "0"), "pre_norm")),
-            "blocks": blocks,
-            "norm": _norm_tensors(read, read.child(model, "norm")),
-            "head": _weight_and_scale(read, read.child(self.model, "lm_head"), "lm_head"),
-        }
+        try:
+            model = read.child(self.model, "model")
+            layers = read.child(model, "layers")
+            blocks = [_block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}") for i in range(len(layers))]
+            return {
+                "embeddings": read.param(read.child(model, "embeddings"), "weight"),
+                "pre_norm": _norm_tensors(read, read.child(read.child(layers, "0"), "pre_norm")),
+                "blocks": blocks,
+                "norm": _norm_tensors(read, read.child(model, "norm")),
+                "head": _weight_and_scale(read, read.child(self.model, "lm_head"), "lm_head"),
+            }
+        except _NotNative as reason:
+            logger.warning_once(
+                f"native_decode_step: {reason}; the eager model decodes instead while it is there (merge adapters "
+                "with merge_and_unload() to decode natively, or use compile_decode_step, which traces them)."
+            )
+            return None
 
     def __call__(self, input_ids: torch.LongTensor, past_key_values) -> CausalLMOutputWithPast:
         if input_ids.dim() != 2 or input_ids.shape[1] != 1:
@@ -108,6 +121,9 @@ class NativeDecodeStep:
         if not self._sources.unchanged():
             self._tensors = self._read_model()
         tensors, kernel = self._tensors, self.kernel
+        if tensors is None:
+            with torch.no_grad():
+                return self.model(input_ids, past_key_values=past_key_values, use_cache=True)
         with torch.no_grad():
             hidden = _layer_norm(tensors["embeddings"][input_ids[:, 0]].float(), *tensors["pre_norm"])
             v_first = None
@@ -128,6 +144,10 @@ def native_decode_step(model, kernel) -> NativeDecodeStep:
     `kernels.get_local_kernel`): native code runs only from a kernel chosen in the caller's own code. See
     `NativeDecodeStep`."""
     return NativeDecodeStep(model, kernel)
+
+
+class _NotNative(ValueError):
+    """A module or weight that the native ops cannot read."""
 
 
 class _Sources:
@@ -166,18 +186,14 @@ def _weight_and_scale(read: _Sources, module, path: str, has_bias: bool = False)
     """The weight of an `RWKV7Linear` as the native ops take it: (a plain float32 / bfloat16 tensor, None), or (int8
     values, one scale per row) of a torchao int8 weight-only tensor. `has_bias`: its bias is passed separately."""
     if type(module) is not RWKV7Linear:
-        raise ValueError(
-            f"{path} is a {type(module).__name__}, not the model's own RWKV7Linear (a PEFT adapter or a replaced "
-            "layer): the native decoding step reads plain weights only. Merge the adapters (merge_and_unload()) or "
-            "decode with compile_decode_step(model), which traces any module."
-        )
+        raise _NotNative(f"{path} is a {type(module).__name__}, not the model's own RWKV7Linear")
     weight = read.param(module, "weight")
     kind = weight_kind(weight, weight.dtype if weight.dtype.is_floating_point else torch.float32)
     if (module.bias is not None) != has_bias or kind is None or (kind == "dense" and weight.dtype not in _NATIVE_DTYPES):
-        raise ValueError(
-            f"{path}: the native decoding step takes float32 / bfloat16 weights or torchao int8 weight-only ones "
-            f"with a scale per row, {'with' if has_bias else 'without'} bias; got a {type(weight).__name__} of dtype "
-            f"{weight.dtype} {'with' if module.bias is not None else 'without'} bias."
+        raise _NotNative(
+            f"{path} holds a {type(weight).__name__} of dtype {weight.dtype} {'with' if module.bias is not None else 'without'} "
+            f"bias; the native ops read float32 / bfloat16 weights or torchao int8 weight-only ones with a scale per "
+            f"row, {'with' if has_bias else 'without'} bias"
         )
     if kind == "int8_rows":
         return weight.qdata, weight.scale.view(-1)

@@ -5,6 +5,7 @@ weights as their dequantized values. `gemv` against F.linear for every projectio
 step cannot run (adapters, wrong inputs, a kernel without the ops) is refused by name."""
 
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
 from modeling_rwkv7.cache_rwkv7 import RWKV7Cache
 from modeling_rwkv7.decode_rwkv7 import native_decode_step
 from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
+from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
@@ -197,9 +199,10 @@ def test_native_step_reads_in_place_weight_updates(kernel, dtype):
     assert relative_error(native, truth) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_replaced_parameters_and_modules_are_read_again(kernel):
+def test_replaced_parameters_and_modules_are_read_again(kernel, caplog):
     """A parameter or a projection replaced after the step was made is found at the next call and read (the step
-    gives the eager model's tokens); a LoRA adapter attached after it was made is refused at the next call."""
+    gives the eager model's tokens); a LoRA adapter attached after it was made is found at the next call, which
+    decodes through the eager model and says so."""
     model = random_model(seed=95)
     tokens = tokens_for(2, 8, seed=96)
     step = native_decode_step(model, kernel)
@@ -220,10 +223,16 @@ def test_replaced_parameters_and_modules_are_read_again(kernel):
     errors = state_errors(native_cache, eager_cache)
     assert max(errors.values()) <= 1e-5, errors
 
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key"]))  # wraps the model's modules in place
-    with pytest.raises(ValueError, match="merge_and_unload") as refusal:
-        step(tokens[:, 6:7], past_key_values=native_cache)
-    assert "model.layers.0.ffn.key" in str(refusal.value)
+    # an adapter attached after the step was made: the next call finds it and decodes through the eager model
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key"]))  # wraps in place
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=generator)
+    with caplog.at_level(logging.WARNING):
+        native = decode(step, tokens[:, 6:8], native_cache)
+    assert any("model.layers.0.ffn.key" in message for message in fallback_warnings(caplog))
+    assert relative_error(native, decode(model, tokens[:, 6:8], eager_cache)) <= 1e-5
 
 
 # --- gemv ----------------------------------------------------------------------------------------------------
@@ -348,6 +357,24 @@ def lora_model(targets: list) -> RWKV7ForCausalLM:
     return peft_model.eval()
 
 
+class CountingKernel:
+    """The kernel, counting the native block steps it runs."""
+
+    def __init__(self, kernel):
+        self.kernel, self.blocks = kernel, 0
+
+    def block_decode_step(self, *args):
+        self.blocks += 1
+        return self.kernel.block_decode_step(*args)
+
+    def gemv(self, *args):
+        return self.kernel.gemv(*args)
+
+
+def fallback_warnings(caplog) -> list:
+    return [r.getMessage() for r in caplog.records if r.name == "modeling_rwkv7.decode_rwkv7" and r.levelno == logging.WARNING]
+
+
 @pytest.mark.parametrize(
     "targets,path",
     [
@@ -357,30 +384,59 @@ def lora_model(targets: list) -> RWKV7ForCausalLM:
         (["lm_head"], "lm_head"),
     ],
 )
-def test_a_lora_adapter_is_refused_by_name_and_the_merged_model_decodes(kernel, targets, path):
-    """A model carrying a PEFT LoRA adapter: the step refuses it, naming the first wrapped module and
-    merge_and_unload; the PEFT model itself is refused too. After merge_and_unload() the native step equals the
-    eager merged model (whose logits the adapter changed)."""
+def test_a_lora_adapter_falls_back_to_the_eager_model_and_the_merged_model_decodes_natively(kernel, targets, path, caplog):
+    """A model carrying a PEFT LoRA adapter: the step decodes it through the eager model (no native block runs),
+    giving the adapter model's logits, and says so once, naming the first wrapped module and merge_and_unload.
+    The PeftModel wrapper itself is refused (TypeError naming it). After merge_and_unload() the step runs natively
+    and equals the eager merged model (whose logits the adapter changed)."""
     peft_model = lora_model(targets)
     tokens = tokens_for(2, 6, seed=103)
-    with pytest.raises((TypeError, ValueError)):
-        native_decode_step(peft_model, kernel)(tokens[:, :1], past_key_values=peft_model.get_base_model().init_cache(2))
+    with pytest.raises(TypeError, match="PeftModel"):
+        native_decode_step(peft_model, kernel)
     adapted = peft_model.get_base_model()
     assert type(adapted) is RWKV7ForCausalLM
-    with pytest.raises(ValueError, match=r"merge_and_unload") as refusal:  # when the step is made or first called
-        native_decode_step(adapted, kernel)(tokens[:, :1], past_key_values=adapted.init_cache(batch_size=2))
-    assert path in str(refusal.value)
-
+    counting = CountingKernel(kernel)
+    with caplog.at_level(logging.WARNING):
+        fallback = decode(native_decode_step(adapted, counting), tokens, adapted.init_cache(batch_size=2))
+    assert counting.blocks == 0
+    warnings = fallback_warnings(caplog)
+    assert len(warnings) == 1 and path in warnings[0] and "merge_and_unload" in warnings[0], warnings
     with torch.no_grad():
         adapted_logits = peft_model(tokens).logits
+    assert relative_error(fallback, adapted_logits) <= 1e-5
+
     merged = peft_model.merge_and_unload()
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     base = random_model(seed=101)
-    native = decode(native_decode_step(merged, kernel), tokens, merged.init_cache(batch_size=2))
+    counting = CountingKernel(kernel)
+    native = decode(native_decode_step(merged, counting), tokens, merged.init_cache(batch_size=2))
+    assert counting.blocks == 6 * len(merged.model.layers)
     eager = decode(merged, tokens, merged.init_cache(batch_size=2))
     assert relative_error(native, eager) <= 1e-5
     assert relative_error(native, adapted_logits) <= 1e-5
     assert relative_error(eager, decode(base, tokens, base.init_cache(batch_size=2))) > 1e-3
+
+
+def test_a_tuned_initial_state_decodes_natively(kernel):
+    """State tuning: decoding from `RWKV7StateTuning.initial_cache` through the native step equals eager decoding
+    from the same state (logits over 24 tokens, and every state tensor), differs from decoding from zeros, and
+    leaves the trained `initial_state` as it was."""
+    model = random_model(seed=131)
+    tuned = RWKV7StateTuning(model)
+    generator = torch.Generator().manual_seed(132)
+    with torch.no_grad():
+        tuned.initial_state.normal_(0.0, 0.5, generator=generator)
+    initial_state = tuned.initial_state.detach().clone()
+    tokens = tokens_for(1, 24, seed=133)
+    with torch.no_grad():
+        native_cache, eager_cache = tuned.initial_cache(1), tuned.initial_cache(1)
+    native = decode(native_decode_step(model, kernel), tokens, native_cache)
+    eager = decode(model, tokens, eager_cache)
+    assert relative_error(native, eager) <= 1e-5
+    errors = state_errors(native_cache, eager_cache)
+    assert max(errors.values()) <= 1e-5, errors
+    assert relative_error(eager, decode(model, tokens, model.init_cache(1))) > 1e-3
+    assert torch.equal(tuned.initial_state, initial_state)
 
 
 def test_wrong_inputs_are_refused_by_name(kernel):
