@@ -3,6 +3,8 @@ once by torch.compile, so that a token costs a few fused kernels instead of ~400
 tests/test_decode_compiled.py) and a native CPU step through the kernel package's decoding ops
 (tests/test_decode_native.py)."""
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -17,6 +19,9 @@ from .modeling_rwkv7 import DECAY_SCALE, RWKV7ForCausalLM, _check_token_ids
 logger = logging.get_logger(__name__)
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+# The keywords of a forward call that the native step can take: what generate() passes to a decoding step
+_STEP_KEYWORDS = {"input_ids", "past_key_values", "position_ids", "attention_mask", "logits_to_keep", "use_cache",
+                  "return_dict"}
 
 
 def compile_decode_step(model, batch_size: int = 1, **compile_options):
@@ -98,6 +103,21 @@ class NativeDecodeStep:
             )
             return None
 
+    def handles(self, forward_kwargs: dict) -> bool:
+        """Whether a call `model(**forward_kwargs)` is a step this one computes alike: one token per row, an
+        RWKV7Cache, nothing padded in the step, and no argument that changes the result (position_ids only mark
+        document starts, and a step's one token continues from the cache whatever they say)."""
+        input_ids, mask = forward_kwargs.get("input_ids"), forward_kwargs.get("attention_mask")
+        logits_to_keep = forward_kwargs.get("logits_to_keep", 0)
+        return (
+            set(forward_kwargs) <= _STEP_KEYWORDS
+            and torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] == 1
+            and isinstance(forward_kwargs.get("past_key_values"), RWKV7Cache)
+            and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
+            and forward_kwargs.get("use_cache") in (None, True) and forward_kwargs.get("return_dict") in (None, True)
+            and (mask is None or bool(mask[:, -1:].all()))
+        )
+
     def __call__(self, input_ids: torch.LongTensor, past_key_values) -> CausalLMOutputWithPast:
         if input_ids.dim() != 2 or input_ids.shape[1] != 1:
             raise ValueError(f"input_ids must be [batch, 1] (one token per row), got shape {tuple(input_ids.shape)}.")
@@ -144,6 +164,36 @@ def native_decode_step(model, kernel) -> NativeDecodeStep:
     `kernels.get_local_kernel`): native code runs only from a kernel chosen in the caller's own code. See
     `NativeDecodeStep`."""
     return NativeDecodeStep(model, kernel)
+
+
+@contextlib.contextmanager
+def native_decoding(model, kernel):
+    """Inside, every decoding step of `model` (an `RWKV7ForCausalLM` on CPU) runs through `native_decode_step(model,
+    kernel)`: `model.generate(...)`'s steps, or any call `model(input_ids=[batch, 1] ids, past_key_values=cache)`
+    that `NativeDecodeStep.handles`. Every other call (the prompt, a step with padding, other arguments) runs the
+    model's own forward. Yields the step.
+
+        with native_decoding(model, kernel):
+            output_ids = model.generate(**inputs, max_new_tokens=64)
+    """
+    step = native_decode_step(model, kernel)
+    own_forward = model.__dict__.get("forward")  # an instance attribute already there (a hook), restored after
+    forward = model.forward
+
+    @functools.wraps(forward)  # generate() reads the forward's signature
+    def decoding_forward(*args, **kwargs):
+        if args or not step.handles(kwargs):
+            return forward(*args, **kwargs)
+        return step(kwargs["input_ids"], kwargs["past_key_values"])
+
+    model.forward = decoding_forward
+    try:
+        yield step
+    finally:
+        if own_forward is None:
+            del model.forward
+        else:
+            model.forward = own_forward
 
 
 class _NotNative(ValueError):
@@ -244,4 +294,4 @@ def _block_tensors(read: _Sources, layer, path: str) -> tuple[list, list, list]:
     return vectors, weights, scales
 
 
-__all__ = ["NativeDecodeStep", "compile_decode_step", "native_decode_step"]
+__all__ = ["NativeDecodeStep", "compile_decode_step", "native_decode_step", "native_decoding"]

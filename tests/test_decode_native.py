@@ -567,3 +567,54 @@ def test_every_isa_variant_matches_the_eager_step(kernel, capability, bits):
     used_bits, worst = result.stdout.split()[-2:]
     assert int(used_bits) == min(bits, kernel.decode_vector_bits())
     assert float(worst) <= 1e-5
+
+
+# --- generate() ----------------------------------------------------------------------------------------------
+
+
+def test_generate_inside_native_decoding_runs_the_native_step_and_gives_the_eager_tokens(kernel):
+    """Greedy and beam-search generate() on left-padded prompts inside `native_decoding`: the same tokens as
+    eager generate(), scores within 1e-5, every decoding step through the native blocks (the prompt through the
+    model's forward); afterwards the model's forward is its own again."""
+    from modeling_rwkv7.decode_rwkv7 import native_decoding
+
+    model = random_model(seed=141)
+    input_ids = tokens_for(2, 7, seed=142)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # row 0 is left-padded
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+                   return_dict_in_generate=True, output_scores=True)
+    eager = model.generate(**options)
+    eager_beams = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, num_beams=3)
+    counting = CountingKernel(kernel)
+    with native_decoding(model, counting) as step:
+        assert step.model is model
+        native = model.generate(**options)
+        steps_greedy = counting.blocks // len(model.model.layers)
+        native_beams = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, num_beams=3)
+    assert "forward" not in model.__dict__
+    assert native.sequences.shape == eager.sequences.shape == (2, 7 + 12)
+    assert torch.equal(native.sequences, eager.sequences)
+    for native_scores, eager_scores in zip(native.scores, eager.scores, strict=True):
+        assert relative_error(native_scores, eager_scores) <= 1e-5
+    assert steps_greedy == 11  # 12 new tokens: the first from the prompt's forward, 11 decoding steps
+    assert torch.equal(native_beams, eager_beams)
+    assert counting.blocks // len(model.model.layers) == steps_greedy + 7
+
+
+def test_native_decoding_leaves_other_calls_to_the_model(kernel):
+    """Inside `native_decoding`, a call the step does not handle runs the model's own forward: a padded token in
+    the step, a prompt, output_hidden_states; a plain step runs natively."""
+    from modeling_rwkv7.decode_rwkv7 import native_decoding
+
+    model = random_model(seed=151)
+    counting = CountingKernel(kernel)
+    tokens = tokens_for(2, 4, seed=152)
+    with native_decoding(model, counting), torch.no_grad():
+        cache = model(tokens[:, :3], past_key_values=model.init_cache(batch_size=2)).past_key_values
+        padded = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+        model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), attention_mask=padded)
+        model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), output_hidden_states=True)
+        assert counting.blocks == 0
+        model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), attention_mask=torch.ones(2, 4))
+        assert counting.blocks == len(model.model.layers)
