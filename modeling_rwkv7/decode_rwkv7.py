@@ -105,12 +105,14 @@ class NativeDecodeStep:
 
     def handles(self, forward_kwargs: dict) -> bool:
         """Whether a call `model(**forward_kwargs)` is a step this one computes alike: one token per row, an
-        RWKV7Cache, nothing padded in the step, and no argument that changes the result (position_ids only mark
-        document starts, and a step's one token continues from the cache whatever they say)."""
+        RWKV7Cache, nothing padded in the step, no argument that changes the result (position_ids only mark
+        document starts, and a step's one token continues from the cache whatever they say), and no gradient
+        wanted (grad mode off, as in generate())."""
         input_ids, mask = forward_kwargs.get("input_ids"), forward_kwargs.get("attention_mask")
         logits_to_keep = forward_kwargs.get("logits_to_keep", 0)
         return (
-            set(forward_kwargs) <= _STEP_KEYWORDS
+            not torch.is_grad_enabled()
+            and set(forward_kwargs) <= _STEP_KEYWORDS
             and torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] == 1
             and isinstance(forward_kwargs.get("past_key_values"), RWKV7Cache)
             and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)

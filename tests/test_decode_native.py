@@ -604,7 +604,7 @@ def test_generate_inside_native_decoding_runs_the_native_step_and_gives_the_eage
 
 def test_native_decoding_leaves_other_calls_to_the_model(kernel):
     """Inside `native_decoding`, a call the step does not handle runs the model's own forward: a padded token in
-    the step, a prompt, output_hidden_states; a plain step runs natively."""
+    the step, a prompt, output_hidden_states, grad mode on; a plain step runs natively."""
     from modeling_rwkv7.decode_rwkv7 import native_decoding
 
     model = random_model(seed=151)
@@ -615,6 +615,8 @@ def test_native_decoding_leaves_other_calls_to_the_model(kernel):
         padded = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
         model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), attention_mask=padded)
         model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), output_hidden_states=True)
+        with torch.enable_grad():  # gradients wanted: the model's forward
+            assert model(input_ids=tokens[:, 3:], past_key_values=cache.copy()).logits.requires_grad
         assert counting.blocks == 0
         model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), attention_mask=torch.ones(2, 4))
         assert counting.blocks == len(model.model.layers)
