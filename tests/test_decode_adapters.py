@@ -8,13 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_decode_compiled import random_model
+from test_decode_compiled import VOCAB, decode, random_model
 
 from modeling_rwkv7 import RWKV7ForCausalLM
 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
 from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
-VOCAB = 1000  # random_model's
 SEED = 41
 TARGETS = ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"]  # the attention and FFN projections
 STATE_NAMES = ("recurrent_state", "attn_shift_state", "ffn_shift_state")
@@ -67,18 +66,6 @@ def merged(adapted):
     model = peft_copy.merge_and_unload()
     tuned = RWKV7StateTuning(model)
     return SimpleNamespace(model=model, tuned=tuned, step=compile_decode_step(model, batch_size=1))
-
-
-def decode(step, tokens: torch.Tensor, cache) -> torch.Tensor:
-    """Feed `tokens` [batch, n] one at a time through `step` with `cache`; returns the logits [batch, n, VOCAB]."""
-    logits = []
-    with torch.no_grad():
-        for t in range(tokens.shape[1]):
-            output = step(tokens[:, t : t + 1], past_key_values=cache)
-            assert output.logits.shape == (tokens.shape[0], 1, VOCAB)
-            assert output.past_key_values is cache
-            logits.append(output.logits)
-    return torch.cat(logits, dim=1)
 
 
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

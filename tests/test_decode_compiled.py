@@ -7,10 +7,13 @@ from modeling_rwkv7 import linear_rwkv7
 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
 
 
+VOCAB = 1000  # random_model's vocabulary
+
+
 def random_model(seed: int) -> RWKV7ForCausalLM:
     """A small model at a trained model's scale: every matrix ~ 1/sqrt(in) (the official init leaves some at
     zero), mixes in (0, 1), decay biases across their range."""
-    config = RWKV7Config(vocab_size=1000, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512)
+    config = RWKV7Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512)
     torch.manual_seed(seed)
     model = RWKV7ForCausalLM(config).eval()
     with torch.no_grad():
@@ -22,6 +25,18 @@ def random_model(seed: int) -> RWKV7ForCausalLM:
             elif name.endswith("w_lora.lora.2.bias"):
                 param.uniform_(-4, 2)
     return model
+
+
+def decode(step, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Feed `tokens` [batch, n] one at a time through `step` with `cache`; returns the logits [batch, n, VOCAB]."""
+    logits = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            output = step(tokens[:, t : t + 1], past_key_values=cache)
+            assert output.logits.shape == (tokens.shape[0], 1, VOCAB)
+            assert output.past_key_values is cache
+            logits.append(output.logits)
+    return torch.cat(logits, dim=1)
 
 
 def test_compiled_step_matches_the_eager_step_over_64_tokens():

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from test_decode_compiled import random_model
+from test_decode_compiled import VOCAB, decode, random_model
 from transformers import DynamicCache
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
@@ -27,7 +27,6 @@ from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
-VOCAB = 1000  # random_model's
 STATE_NAMES = ("recurrent_state", "attn_shift_state", "ffn_shift_state")
 
 
@@ -53,18 +52,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert torch.isfinite(actual).all()
     scale = expected.float().abs().max().clamp_min(1e-6)
     return ((actual.float() - expected.float()).abs().max() / scale).item()
-
-
-def decode(step, tokens: torch.Tensor, cache) -> torch.Tensor:
-    """Feed `tokens` [batch, n] one at a time through `step` with `cache`; returns the logits [batch, n, VOCAB]."""
-    logits = []
-    with torch.no_grad():
-        for t in range(tokens.shape[1]):
-            output = step(tokens[:, t : t + 1], past_key_values=cache)
-            assert output.logits.shape == (tokens.shape[0], 1, VOCAB)
-            assert output.past_key_values is cache
-            logits.append(output.logits)
-    return torch.cat(logits, dim=1)
 
 
 def state_errors(actual: RWKV7Cache, expected: RWKV7Cache) -> dict:
