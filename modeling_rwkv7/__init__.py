@@ -7,7 +7,7 @@ folders to transformers' classes, and a warning says so; our classes load both l
 (`RWKV7ForCausalLM.from_pretrained(folder)`), a folder we wrote loads ours through its `auto_map` with
 `trust_remote_code=True`, and `register_auto_classes(replace_builtin=True)` makes the Auto classes resolve "rwkv7" to
 ours. Transformers' class cannot read our layout (other tensor names): convert a folder for it with
-`python -m modeling_rwkv7.convert_rwkv7 FOLDER OUT --layout native`.
+`rwkv7-convert FOLDER OUT --layout native`.
 """
 
 from transformers import (
@@ -23,14 +23,14 @@ from transformers.utils import logging
 
 from .cache_rwkv7 import RWKV7Cache
 from .configuration_rwkv7 import RWKV7Config
-from .convert_rwkv7 import native_weight_conversions
+from .conversion_mapping_rwkv7 import native_weight_conversions
 from .modeling_rwkv7 import (
     RWKV7ForCausalLM,
     RWKV7ForSequenceClassification,
     RWKV7Model,
     RWKV7PreTrainedModel,
 )
-from .tokenization_rwkv7 import RWKV7Tokenizer
+from .tokenization_rwkv7 import RWKV7Tokenizer, RWKV7TokenizerFast
 
 logger = logging.get_logger(__name__)
 
@@ -60,7 +60,9 @@ def register_auto_classes(replace_builtin: bool = False) -> None:
     AutoModel.register(RWKV7Config, RWKV7Model, exist_ok=True)
     AutoModelForCausalLM.register(RWKV7Config, RWKV7ForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(RWKV7Config, RWKV7ForSequenceClassification, exist_ok=True)
-    AutoTokenizer.register(RWKV7Config, slow_tokenizer_class=RWKV7Tokenizer, exist_ok=True)
+    AutoTokenizer.register(
+        RWKV7Config, slow_tokenizer_class=RWKV7Tokenizer, fast_tokenizer_class=RWKV7TokenizerFast, exist_ok=True
+    )
 
 
 register_auto_classes()
@@ -75,6 +77,7 @@ RWKV7Model.register_for_auto_class("AutoModel")
 RWKV7ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 RWKV7ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 RWKV7Tokenizer.register_for_auto_class("AutoTokenizer")
+RWKV7TokenizerFast.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
     "RWKV7Cache",
@@ -84,6 +87,7 @@ __all__ = [
     "RWKV7Model",
     "RWKV7PreTrainedModel",
     "RWKV7Tokenizer",
+    "RWKV7TokenizerFast",
     "register_auto_classes",
     "transformers_ships_rwkv7",
 ]

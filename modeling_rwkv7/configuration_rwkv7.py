@@ -5,7 +5,8 @@ import math
 from transformers import PreTrainedConfig
 from transformers.generation import GenerationConfig
 
-WKV_BACKENDS = ("auto", "recurrent", "chunked", "kernel")
+from .dispatch_rwkv7 import IMPLEMENTATIONS, resolve_implementation
+
 WKV_STATE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Keys the base `PreTrainedConfig.__post_init__` consumes itself.
@@ -48,6 +49,23 @@ _FLA_FIXED_VALUES = {"hidden_act": "sqrelu", "norm_first": True, "norm_bias": Tr
 _NATIVE_WKV_IMPLEMENTATIONS = ("eager", "chunked")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_torch_dtype(value) -> bool:
+    """A `torch.dtype`, or the name of one ("bfloat16"), as transformers reads `getattr(torch, name)`."""
+    import torch
+
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return isinstance(value, torch.dtype)
+
+
 def default_low_rank_dim(hidden_size: int, factor: float) -> int:
     """The official RWKV-LM x070 default LoRA width: ``max(32, round(factor * sqrt(C) / 32) * 32)``."""
     return max(32, round(factor * math.sqrt(hidden_size) / 32) * 32)
@@ -82,9 +100,11 @@ class RWKV7Config(PreTrainedConfig):
         window_size (`int`, *optional*):
             Typical sequence length of the encoder's feature windows. Informational: the recurrence accepts any
             length; the demo and `init_cache` examples use it.
-        wkv_backend (`str`, defaults to `"auto"`):
-            WKV implementation: `"auto"` (the CUDA kernel when it loads, else the chunked form for long sequences and
-            the recurrence for short ones), `"recurrent"`, `"chunked"` or `"kernel"` (error if it cannot load).
+        implementation (`dict`, *optional*):
+            Forces the implementation of an op (`modeling_rwkv7.dispatch_rwkv7`, the one dispatch point): `"wkv"`
+            (`"recurrent"`, `"chunked"`, `"kernel"`), `"projection"` (`"linear"`, `"row_blocks"`, `"int8_rows"`) and
+            `"decode"` (`"eager"`, `"native"`). Every op not named is `"auto"`: the fastest correct path on the
+            machine. `config.wkv_backend` (older configs) reads and sets `implementation["wkv"]`.
         wkv_state_dtype (`str`, defaults to `"float32"`):
             Dtype the recurrent WKV state (`[batch, heads, head_dim, head_dim]` per layer) is carried in between tokens
             and calls, whatever the activation dtype: `"float32"` (the reference), or `"bfloat16"` / `"float16"` to
@@ -101,7 +121,7 @@ class RWKV7Config(PreTrainedConfig):
     """
 
     model_type = "rwkv7"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int | None = 65536
     hidden_size: int = 768
@@ -116,7 +136,7 @@ class RWKV7Config(PreTrainedConfig):
     input_size: int | None = None
     dropout: float = 0.0
     window_size: int | None = None
-    wkv_backend: str = "auto"
+    implementation: dict | None = None
     wkv_state_dtype: str = "float32"
     kernel_repo: str | None = None
     use_cache: bool = True
@@ -130,16 +150,41 @@ class RWKV7Config(PreTrainedConfig):
         generation_keys = set(GenerationConfig._get_default_generation_params())
         unknown = sorted(key for key in kwargs if key not in _BASE_CONFIG_KEYS and key not in generation_keys)
         if unknown:
-            raise ValueError(
-                f"Unknown RWKV7Config field(s) {unknown}. Known fields: {sorted(self._own_fields())}."
-            )
+            raise ValueError(f"Unknown RWKV7Config field(s) {unknown}. Known fields: {sorted(self._own_fields())}.")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if _is_int(self.hidden_size) and self.hidden_size >= 2**63:  # no tensor dimension; sqrt() would overflow
+            raise ValueError(f"RWKV7Config.hidden_size must be a positive integer < 2**63, got {self.hidden_size}.")
         for name, factor in (("decay", 2.5), ("a", 2.5), ("v", 1.7), ("gate", 5.0)):
-            if getattr(self, f"{name}_low_rank_dim") is None and isinstance(self.hidden_size, int) and self.hidden_size > 0:
+            if (
+                getattr(self, f"{name}_low_rank_dim") is None
+                and isinstance(self.hidden_size, int)
+                and self.hidden_size > 0
+            ):
                 setattr(self, f"{name}_low_rank_dim", default_low_rank_dim(self.hidden_size, factor))
         self._validate()
+        for value in (getattr(self, "dtype", None), kwargs.get("torch_dtype")):  # transformers: getattr(torch, name)
+            if value is not None and not _is_torch_dtype(value):
+                raise ValueError(f"RWKV7Config.dtype must be a torch dtype or its name ('bfloat16'), got {value!r}.")
+        if getattr(self, "id2label", None) is not None and not isinstance(self.id2label, dict):
+            raise ValueError(f"RWKV7Config.id2label must be a dict label id -> name, got {self.id2label!r}.")
         super().__post_init__(**kwargs)
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"RWKV7Config.num_labels must be a positive integer, got {self.num_labels!r}.")
+
+    def __setattr__(self, name, value):
+        if name == "implementation":  # however it is set (from_pretrained sets its keyword arguments afterwards)
+            value = resolve_implementation(value)
+        super().__setattr__(name, value)
+
+    @property
+    def wkv_backend(self) -> str:
+        """`implementation["wkv"]` (the name older configs and code use)."""
+        return self.implementation["wkv"]
+
+    @wkv_backend.setter
+    def wkv_backend(self, value: str) -> None:
+        self.implementation = resolve_implementation({**self.implementation, "wkv": value})
 
     @classmethod
     def _own_fields(cls) -> set[str]:
@@ -155,22 +200,33 @@ class RWKV7Config(PreTrainedConfig):
                 f"use_deep_embed={deep_embed!r} is not supported: this model has no RWKV-8 DeepEmbed input "
                 "(`deep_embeds`); only use_deep_embed=False configs load."
             )
-        implementation = kwargs.pop("wkv_implementation", None)
-        if implementation is not None and implementation not in _NATIVE_WKV_IMPLEMENTATIONS:
+        native_wkv = kwargs.pop("wkv_implementation", None)
+        if native_wkv is not None and native_wkv not in _NATIVE_WKV_IMPLEMENTATIONS:
             raise ValueError(
-                f"wkv_implementation={implementation!r} is not a WKV function this model knows "
-                f"({_NATIVE_WKV_IMPLEMENTATIONS}); choose its WKV implementation with wkv_backend={WKV_BACKENDS}."
+                f"wkv_implementation={native_wkv!r} is not a WKV function this model knows "
+                f"({_NATIVE_WKV_IMPLEMENTATIONS}); choose its WKV implementation with "
+                f"implementation={{'wkv': one of {IMPLEMENTATIONS['wkv']}}}."
             )
+        if "wkv_backend" in kwargs:  # the field of older configs
+            self.implementation = {**(self.implementation or {}), "wkv": kwargs.pop("wkv_backend")}
         for key in _FLA_IGNORED_KEYS:
             kwargs.pop(key, None)
         for key, expected in _FLA_FIXED_VALUES.items():
             if key in kwargs and kwargs.pop(key) != expected:
                 raise ValueError(f"RWKV-7 requires {key}={expected!r}; this config sets another value.")
         hidden_ratio = kwargs.pop("hidden_ratio", None)
-        if hidden_ratio is not None and self.intermediate_size is None:
-            self.intermediate_size = int(hidden_ratio * self.hidden_size)
+        if hidden_ratio is not None and not (_is_number(hidden_ratio) and 0 < hidden_ratio < math.inf):
+            raise ValueError(f"hidden_ratio must be a positive finite number, got {hidden_ratio!r}.")
+        if hidden_ratio is not None and self.intermediate_size is None and _is_int(self.hidden_size):
+            try:
+                self.intermediate_size = int(hidden_ratio * self.hidden_size)
+            except OverflowError as error:
+                raise ValueError(f"hidden_ratio={hidden_ratio!r} * hidden_size is too large ({error}).") from None
         num_heads = kwargs.pop("num_heads", None)
-        if num_heads is not None and num_heads * self.head_dim != self.hidden_size:
+        if num_heads is not None and (
+            not _is_int(num_heads)
+            or (_is_int(self.head_dim) and _is_int(self.hidden_size) and num_heads * self.head_dim != self.hidden_size)
+        ):
             raise ValueError(
                 f"num_heads={num_heads} with head_dim={self.head_dim} does not cover hidden_size={self.hidden_size}."
             )
@@ -203,17 +259,35 @@ class RWKV7Config(PreTrainedConfig):
                 f"RWKV7Config.hidden_size={self.hidden_size} must be divisible by head_dim={self.head_dim}."
             )
         if self.vocab_size is None and self.input_size is None:
-            raise ValueError("RWKV7Config needs vocab_size (token ids) or input_size (continuous features); both are None.")
-        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                "RWKV7Config needs vocab_size (token ids) or input_size (continuous features); both are None."
+            )
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RWKV7Config.dropout must be in [0, 1), got {self.dropout!r}.")
-        if not self.norm_eps > 0:
+        if not _is_number(self.norm_eps) or not self.norm_eps > 0:
             raise ValueError(f"RWKV7Config.norm_eps must be > 0, got {self.norm_eps!r}.")
-        if self.wkv_backend not in WKV_BACKENDS:
-            raise ValueError(f"RWKV7Config.wkv_backend must be one of {WKV_BACKENDS}, got {self.wkv_backend!r}.")
+        for name in ("tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RWKV7Config.{name} must be True or False, got {getattr(self, name)!r}.")
+        self._validate_token_ids()
         if self.wkv_state_dtype not in WKV_STATE_DTYPES:
             raise ValueError(
                 f"RWKV7Config.wkv_state_dtype must be one of {WKV_STATE_DTYPES}, got {self.wkv_state_dtype!r}."
             )
+
+    def _validate_token_ids(self):
+        """bos / eos / pad token ids are None or ids of the vocabulary (eos may be a list of them)."""
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is None and not isinstance(value, list):
+                    continue
+                if not isinstance(token_id, int) or isinstance(token_id, bool):
+                    raise ValueError(f"RWKV7Config.{name} must be None or an integer token id, got {value!r}.")
+                if self.vocab_size is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"RWKV7Config.{name}={value!r} lies outside the vocabulary [0, vocab_size={self.vocab_size})."
+                    )
 
     @property
     def num_heads(self) -> int:
@@ -223,6 +297,15 @@ class RWKV7Config(PreTrainedConfig):
     def output_size(self) -> int:
         """Width of the encoder output (`pooler_output` is `[batch, output_size]`)."""
         return self.hidden_size
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """transformers' reader (json, then a recursive walk), with JSON nested past Python's recursion limit a
+        ValueError rather than a RecursionError."""
+        try:
+            return super()._dict_from_json_file(json_file)
+        except RecursionError:
+            raise ValueError(f"{json_file} nests its JSON too deeply to be a config.") from None
 
     @classmethod
     def recommended_defaults(cls) -> dict:
@@ -249,8 +332,10 @@ class RWKV7Config(PreTrainedConfig):
             6 * C  # x_r, x_w, x_k, x_v, x_a, x_g
             + 3 * C  # k_k, k_a, r_k
             + 4 * C * C  # r_proj, k_proj, v_proj, o_proj
-            + 2 * C * self.decay_low_rank_dim + C
-            + 2 * C * self.a_low_rank_dim + C
+            + 2 * C * self.decay_low_rank_dim
+            + C
+            + 2 * C * self.a_low_rank_dim
+            + C
             + 2 * C * self.gate_low_rank_dim
             + 2 * C  # g_norm
         )
@@ -267,4 +352,24 @@ class RWKV7Config(PreTrainedConfig):
         return count
 
 
-__all__ = ["RWKV7Config"]
+# RWKV's recommended chat sampling, and the World vocabulary (rwkv_vocab_v20230424.txt) with its "\n\n", which ends
+# every chat turn ("User: ...\n\nAssistant: ...\n\n")
+CHAT_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_p": 0.3, "top_k": 0}
+WORLD_VOCAB_SIZE = 65536
+WORLD_TURN_END_TOKEN_ID = 261
+
+
+def default_generation_config(config: RWKV7Config) -> GenerationConfig:
+    """The generation_config.json of the folders we publish: samples (temperature 1.0, top_p 0.3), so that a
+    request's temperature and top_p apply (a server drops them when `do_sample` is False; temperature 0 asks for
+    greedy), and stops at the end of sequence and, with the World vocabulary, at the end of a chat turn ("\n\n")."""
+    eos_token_id = config.eos_token_id
+    if config.vocab_size == WORLD_VOCAB_SIZE and eos_token_id is not None:
+        eos_token_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        eos_token_id = list(dict.fromkeys([*eos_token_ids, WORLD_TURN_END_TOKEN_ID]))
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=eos_token_id, pad_token_id=config.pad_token_id, **CHAT_SAMPLING
+    )
+
+
+__all__ = ["RWKV7Config", "default_generation_config"]

@@ -3,8 +3,7 @@ once by torch.compile, so that a token costs a few fused kernels instead of ~400
 tests/test_decode_compiled.py) and a native CPU step through the kernel package's decoding ops
 (tests/test_decode_native.py)."""
 
-import contextlib
-import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -12,21 +11,18 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_rwkv7 import RWKV7Cache, wkv_state_dtype
 from .linear_rwkv7 import GEMV_MAX_ROWS, RWKV7Linear, measuring_compiled_products, weight_kind
-from .modeling_rwkv7 import DECAY_SCALE, RWKV7ForCausalLM, _check_token_ids
+from .wkv import DECAY_SCALE
 
 logger = logging.get_logger(__name__)
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-# The keywords of a forward call that the native step can take: what generate() passes to a decoding step
-_STEP_KEYWORDS = {"input_ids", "past_key_values", "position_ids", "attention_mask", "logits_to_keep", "use_cache",
-                  "return_dict"}
 
 
 def compile_decode_step(model, batch_size: int = 1, **compile_options):
-    """`torch.compile(model, **compile_options)` (a model with token embeddings) for decoding `batch_size` rows one token at a time with an
-    `RWKV7Cache` (`step(input_ids[:, t : t + 1], past_key_values=cache)`; any other call runs too, compiled again).
+    """`torch.compile(model, **compile_options)` (a model with token embeddings) for decoding `batch_size` rows one
+    token at a time with an `RWKV7Cache` (`step(input_ids[:, t : t + 1], cache=cache)`; any other call runs too,
+    compiled again).
 
     Before compiling, one eager step on a scratch state makes `RWKV7Linear`'s few-row product decisions for this
     batch size, eager and compiled (each candidate compiled alone and timed; nothing is timed inside the trace,
@@ -35,50 +31,48 @@ def compile_decode_step(model, batch_size: int = 1, **compile_options):
     """
     if not 0 < batch_size <= GEMV_MAX_ROWS:
         raise ValueError(f"batch_size must be in [1, {GEMV_MAX_ROWS}] for a decoding step, got {batch_size}.")
-    was_training = model.training
+    was_training, implementation = model.training, dict(model.config.implementation)
     model.eval()
-    with torch.no_grad(), measuring_compiled_products():
-        scratch = model.init_cache(batch_size=batch_size)
-        token = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
-        model(token, past_key_values=scratch)
-    model.train(was_training)
+    model.config.implementation["decode"] = "eager"  # the warm-up measures the eager modules' products
+    try:
+        with torch.no_grad(), measuring_compiled_products():
+            scratch = model.init_cache(batch_size=batch_size)
+            token = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+            model(token, cache=scratch)
+    finally:
+        model.config.implementation = implementation
+        model.train(was_training)
     return torch.compile(model, **compile_options)
 
 
 class NativeDecodeStep:
-    """One token through the whole model in the kernel package's native CPU ops (`kernels/rwkv7_wkv`, CPU build):
+    """One token through the whole model in the package's native CPU ops (the CPU build of `kernels/rwkv7_wkv`):
     one `block_decode_step` per block (norms, token shift, the six lerps, the LoRAs, the WKV step, group norm,
     bonus, gate and the channel mix in float32, the block's state updated in place) and one `gemv` for the head,
-    so that a token costs little more than reading the weights once.
+    so that a token costs little more than reading the weights once. `RWKV7ForCausalLM.forward` runs it for a
+    decoding step when `dispatch_rwkv7.decode_implementation` says "native" (see there).
 
-    `step(input_ids [batch, 1], past_key_values=cache)` returns what the eager model returns for that call (logits
-    [batch, 1, vocab] in the model's dtype; the cache updated in place). Weights may be float32, bfloat16 or
-    torchao int8 weight-only with one scale per row; the arithmetic is float32 whatever their dtype (the eager
-    bfloat16 model rounds after every op). The step holds the model's tensors: in-place updates are seen, and a
-    replaced parameter or module is found at the next call (a few microseconds of identity checks) and read
-    again. While the model holds a module the ops cannot read (a PEFT adapter, a replaced layer, weights in
-    another format), the step runs the eager model instead and says so once, naming the module: merge the adapters
-    (`merge_and_unload()`) to decode natively, or use `compile_decode_step`, which traces adapters. A tuned initial
-    state (`RWKV7StateTuning.initial_cache`) is a cache like any other. Not differentiable.
+    `step(input_ids [batch, 1], cache)` returns what the eager model returns for that call (logits [batch, 1, vocab]
+    in the model's dtype; the cache updated in place). Weights may be float32, bfloat16 or torchao int8 weight-only
+    with one scale per row; the arithmetic is float32 whatever their dtype (the eager bfloat16 model rounds after
+    every op). The step holds the model's tensors: in-place updates are seen, and a replaced parameter or module is
+    found at the next call (a few microseconds of identity checks) and read again. `readable()` is False while the
+    model holds a module the ops cannot read (a PEFT adapter, a replaced layer, weights in another format; said
+    once, naming it): the eager model decodes then. Not differentiable.
     """
 
     def __init__(self, model, kernel):
-        if not isinstance(model, RWKV7ForCausalLM):
-            raise TypeError(
-                f"native_decode_step needs an RWKV7ForCausalLM, got {type(model).__name__} (a PEFT model: merge its "
-                "adapters with merge_and_unload() first, or decode with compile_decode_step, which traces them)."
-            )
         missing = [name for name in ("block_decode_step", "gemv") if not hasattr(kernel, name)]
         if missing:
             raise ValueError(
-                f"The kernel module {getattr(kernel, '__name__', kernel)!r} has no {missing}: it is not a CPU build of "
-                "kernels/rwkv7_wkv with the decoding ops (build it with `python scripts/build_kernel.py`)."
+                f"The kernel module {getattr(kernel, '__name__', kernel)!r} has no {missing}: it is not a CPU "
+                "build of "
+                "kernels/rwkv7_wkv with the decoding ops."
             )
-        if model.device.type != "cpu":
-            raise ValueError(f"native_decode_step runs on CPU; the model is on {model.device}.")
         self.model, self.kernel = model, kernel
         config = model.config
         self._norm_eps, self._group_norm_eps = config.norm_eps, config.head_dim * config.norm_eps
+        self._said = set()
         self._tensors = self._read_model()
 
     def _read_model(self) -> Optional[dict]:
@@ -88,7 +82,9 @@ class NativeDecodeStep:
         try:
             model = read.child(self.model, "model")
             layers = read.child(model, "layers")
-            blocks = [_block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}") for i in range(len(layers))]
+            blocks = [
+                _block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}") for i in range(len(layers))
+            ]
             return {
                 "embeddings": read.param(read.child(model, "embeddings"), "weight"),
                 "pre_norm": _norm_tensors(read, read.child(read.child(layers, "0"), "pre_norm")),
@@ -97,105 +93,56 @@ class NativeDecodeStep:
                 "head": _weight_and_scale(read, read.child(self.model, "lm_head"), "lm_head"),
             }
         except _NotNative as reason:
-            logger.warning_once(
-                f"native_decode_step: {reason}; the eager model decodes instead while it is there (merge adapters "
-                "with merge_and_unload() to decode natively, or use compile_decode_step, which traces them)."
-            )
+            if str(reason) not in self._said:  # once per model and module
+                self._said.add(str(reason))
+                logger.warning(
+                    f"RWKV-7 native decoding: {reason}; the eager model decodes while it is there (merge adapters "
+                    "with merge_and_unload() to decode natively, or use compile_decode_step, which traces them)."
+                )
             return None
 
-    def handles(self, forward_kwargs: dict) -> bool:
-        """Whether a call `model(**forward_kwargs)` is a step this one computes alike: one token per row, an
-        RWKV7Cache, nothing padded in the step, no argument that changes the result (position_ids only mark
-        document starts, and a step's one token continues from the cache whatever they say), and no gradient
-        wanted (grad mode off, as in generate())."""
-        input_ids, mask = forward_kwargs.get("input_ids"), forward_kwargs.get("attention_mask")
-        logits_to_keep = forward_kwargs.get("logits_to_keep", 0)
-        return (
-            not torch.is_grad_enabled()
-            and set(forward_kwargs) <= _STEP_KEYWORDS
-            and torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] == 1
-            and isinstance(forward_kwargs.get("past_key_values"), RWKV7Cache)
-            and isinstance(logits_to_keep, int) and logits_to_keep in (0, 1)
-            and forward_kwargs.get("use_cache") in (None, True) and forward_kwargs.get("return_dict") in (None, True)
-            and (mask is None or bool(mask[:, -1:].all()))
-        )
-
-    def __call__(self, input_ids: torch.LongTensor, past_key_values) -> CausalLMOutputWithPast:
-        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
-            raise ValueError(f"input_ids must be [batch, 1] (one token per row), got shape {tuple(input_ids.shape)}.")
-        if not isinstance(past_key_values, RWKV7Cache):
-            raise TypeError(
-                f"past_key_values must be an RWKV7Cache (model.init_cache(batch_size)), got {type(past_key_values).__name__}."
-            )
-        config = self.model.config
-        past_key_values.check_compatible(config, input_ids.shape[0])
-        if wkv_state_dtype(config) != torch.float32:
-            raise ValueError(
-                f"native_decode_step keeps the recurrent state in float32; config.wkv_state_dtype is "
-                f"{config.wkv_state_dtype!r}."
-            )
-        if self.model.training and config.dropout > 0:
-            raise ValueError(
-                f"native_decode_step computes the inference step, without dropout (config.dropout={config.dropout}); "
-                "call model.eval() first."
-            )
-        _check_token_ids(input_ids, config.vocab_size)
+    def readable(self) -> bool:
+        """Whether the ops can read every module of the model now (read again if one was replaced)."""
         if not self._sources.unchanged():
             self._tensors = self._read_model()
+        return self._tensors is not None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, cache) -> CausalLMOutputWithPast:
+        if not self.readable():
+            raise ValueError("The model holds a module the native decoding ops cannot read (said above).")
         tensors, kernel = self._tensors, self.kernel
-        if tensors is None:
-            with torch.no_grad():
-                return self.model(input_ids, past_key_values=past_key_values, use_cache=True)
-        with torch.no_grad():
-            hidden = _layer_norm(tensors["embeddings"][input_ids[:, 0]].float(), *tensors["pre_norm"])
-            v_first = None
-            for (vectors, weights, scales), state in zip(tensors["blocks"], past_key_values.layers):
-                hidden, value = kernel.block_decode_step(
-                    hidden, v_first, vectors, weights, scales, state.attn_shift_state, state.recurrent_state,
-                    state.ffn_shift_state, self._norm_eps, self._group_norm_eps, DECAY_SCALE,
-                )
-                v_first = value if v_first is None else v_first
-            logits = kernel.gemv(_layer_norm(hidden, *tensors["norm"]), *tensors["head"])
-        past_key_values.add_seen_tokens(1)
-        return CausalLMOutputWithPast(logits=logits.to(self.model.dtype)[:, None], past_key_values=past_key_values)
+        hidden = _layer_norm(tensors["embeddings"][input_ids[:, 0]].float(), *tensors["pre_norm"])
+        v_first = None
+        for (vectors, weights, scales), state in zip(tensors["blocks"], cache.layers):
+            hidden, value = kernel.block_decode_step(
+                hidden,
+                v_first,
+                vectors,
+                weights,
+                scales,
+                state.attn_shift_state,
+                state.recurrent_state,
+                state.ffn_shift_state,
+                self._norm_eps,
+                self._group_norm_eps,
+                DECAY_SCALE,
+            )
+            v_first = value if v_first is None else v_first
+        logits = kernel.gemv(_layer_norm(hidden, *tensors["norm"]), *tensors["head"])
+        cache.add_seen_tokens(1)
+        return CausalLMOutputWithPast(logits=logits.to(self.model.dtype)[:, None], cache=cache)
+
+
+_native_steps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def native_decode_step(model, kernel) -> NativeDecodeStep:
-    """A decoding step for `model` (`RWKV7ForCausalLM` on CPU) through `kernel`, the CPU build of
-    kernels/rwkv7_wkv that the user loaded (`modeling_rwkv7.wkv_kernel.load_wkv_kernel(local_path=...)` or
-    `kernels.get_local_kernel`): native code runs only from a kernel chosen in the caller's own code. See
-    `NativeDecodeStep`."""
-    return NativeDecodeStep(model, kernel)
-
-
-@contextlib.contextmanager
-def native_decoding(model, kernel):
-    """Inside, every decoding step of `model` (an `RWKV7ForCausalLM` on CPU) runs through `native_decode_step(model,
-    kernel)`: `model.generate(...)`'s steps, or any call `model(input_ids=[batch, 1] ids, past_key_values=cache)`
-    that `NativeDecodeStep.handles`. Every other call (the prompt, a step with padding, other arguments) runs the
-    model's own forward. Yields the step.
-
-        with native_decoding(model, kernel):
-            output_ids = model.generate(**inputs, max_new_tokens=64)
-    """
-    step = native_decode_step(model, kernel)
-    own_forward = model.__dict__.get("forward")  # an instance attribute already there (a hook), restored after
-    forward = model.forward
-
-    @functools.wraps(forward)  # generate() reads the forward's signature
-    def decoding_forward(*args, **kwargs):
-        if args or not step.handles(kwargs):
-            return forward(*args, **kwargs)
-        return step(kwargs["input_ids"], kwargs["past_key_values"])
-
-    model.forward = decoding_forward
-    try:
-        yield step
-    finally:
-        if own_forward is None:
-            del model.forward
-        else:
-            model.forward = own_forward
+    """The `NativeDecodeStep` of `model` through `kernel` (made once per model and kernel)."""
+    step = _native_steps.get(model)
+    if step is None or step.kernel is not kernel:
+        step = _native_steps[model] = NativeDecodeStep(model, kernel)
+    return step
 
 
 class _NotNative(ValueError):
@@ -241,9 +188,14 @@ def _weight_and_scale(read: _Sources, module, path: str, has_bias: bool = False)
         raise _NotNative(f"{path} is a {type(module).__name__}, not the model's own RWKV7Linear")
     weight = read.param(module, "weight")
     kind = weight_kind(weight, weight.dtype if weight.dtype.is_floating_point else torch.float32)
-    if (module.bias is not None) != has_bias or kind is None or (kind == "dense" and weight.dtype not in _NATIVE_DTYPES):
+    if (
+        (module.bias is not None) != has_bias
+        or kind is None
+        or (kind == "dense" and weight.dtype not in _NATIVE_DTYPES)
+    ):
         raise _NotNative(
-            f"{path} holds a {type(weight).__name__} of dtype {weight.dtype} {'with' if module.bias is not None else 'without'} "
+            f"{path} holds a {type(weight).__name__} of dtype {weight.dtype} "
+            f"{'with' if module.bias is not None else 'without'} "
             f"bias; the native ops read float32 / bfloat16 weights or torchao int8 weight-only ones with a scale per "
             f"row, {'with' if has_bias else 'without'} bias"
         )
@@ -255,18 +207,42 @@ def _weight_and_scale(read: _Sources, module, path: str, has_bias: bool = False)
 # The projections of a block in the order of the kernel's BLOCK_WEIGHTS; the w, a and v LoRAs' second layers have
 # biases, which are among the vectors.
 _BLOCK_PROJECTIONS = (
-    ("attn", "r_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
-    ("attn", "w_lora", "lora", "0"), ("attn", "w_lora", "lora", "2"), ("attn", "a_lora", "lora", "0"),
-    ("attn", "a_lora", "lora", "2"), ("attn", "v_lora", "lora", "0"), ("attn", "v_lora", "lora", "2"),
-    ("attn", "g_lora", "lora", "0"), ("attn", "g_lora", "lora", "2"), ("ffn", "key"), ("ffn", "value"),
+    ("attn", "r_proj"),
+    ("attn", "k_proj"),
+    ("attn", "v_proj"),
+    ("attn", "o_proj"),
+    ("attn", "w_lora", "lora", "0"),
+    ("attn", "w_lora", "lora", "2"),
+    ("attn", "a_lora", "lora", "0"),
+    ("attn", "a_lora", "lora", "2"),
+    ("attn", "v_lora", "lora", "0"),
+    ("attn", "v_lora", "lora", "2"),
+    ("attn", "g_lora", "lora", "0"),
+    ("attn", "g_lora", "lora", "2"),
+    ("ffn", "key"),
+    ("ffn", "value"),
 )
 # The vectors in the order of BLOCK_VECTORS: (module path, parameter name).
 _BLOCK_VECTORS = (
-    (("attn_norm",), "weight"), (("attn_norm",), "bias"), (("attn",), "x_r"), (("attn",), "x_w"), (("attn",), "x_k"),
-    (("attn",), "x_v"), (("attn",), "x_a"), (("attn",), "x_g"), (("attn",), "k_k"), (("attn",), "k_a"),
-    (("attn",), "r_k"), (("attn", "w_lora", "lora", "2"), "bias"), (("attn", "a_lora", "lora", "2"), "bias"),
-    (("attn", "v_lora", "lora", "2"), "bias"), (("attn", "g_norm"), "weight"), (("attn", "g_norm"), "bias"),
-    (("ffn_norm",), "weight"), (("ffn_norm",), "bias"), (("ffn",), "x_k"),
+    (("attn_norm",), "weight"),
+    (("attn_norm",), "bias"),
+    (("attn",), "x_r"),
+    (("attn",), "x_w"),
+    (("attn",), "x_k"),
+    (("attn",), "x_v"),
+    (("attn",), "x_a"),
+    (("attn",), "x_g"),
+    (("attn",), "k_k"),
+    (("attn",), "k_a"),
+    (("attn",), "r_k"),
+    (("attn", "w_lora", "lora", "2"), "bias"),
+    (("attn", "a_lora", "lora", "2"), "bias"),
+    (("attn", "v_lora", "lora", "2"), "bias"),
+    (("attn", "g_norm"), "weight"),
+    (("attn", "g_norm"), "bias"),
+    (("ffn_norm",), "weight"),
+    (("ffn_norm",), "bias"),
+    (("ffn",), "x_k"),
 )
 
 
@@ -290,10 +266,12 @@ def _block_tensors(read: _Sources, layer, path: str) -> tuple[list, list, list]:
     for names in _BLOCK_PROJECTIONS:
         module = module_at(names)
         has_bias = names[1] in ("w_lora", "a_lora", "v_lora") and names[-1] == "2"
-        weight, scale = (None, None) if module is None else _weight_and_scale(read, module, f"{path}.{'.'.join(names)}", has_bias)
+        weight, scale = (
+            (None, None) if module is None else _weight_and_scale(read, module, f"{path}.{'.'.join(names)}", has_bias)
+        )
         weights.append(weight)
         scales.append(scale)
     return vectors, weights, scales
 
 
-__all__ = ["NativeDecodeStep", "compile_decode_step", "native_decode_step", "native_decoding"]
+__all__ = ["NativeDecodeStep", "compile_decode_step", "native_decode_step"]

@@ -7,26 +7,28 @@ core on an AMD EPYC (half the bandwidth), while a batched product over row block
 thread streams its own share of, is 2x faster there and 2-2.5x slower on an Intel Xeon; compiled by inductor, the
 same row-block product becomes a vectorized reduction that reads bfloat16 weights 2-3x faster than oneDNN does.
 So nothing is assumed: the first eager call of each (shape, format, rows, threads) times the candidates of its
-weight's kind (`CANDIDATES`) on weights streamed from memory (a few ms) and keeps the fastest for the rest of the
-process (`few_row_choices`, logged once per decision). Inside `measuring_compiled_products()` (what
-`compile_decode_step` runs its warm-up step in) the candidates are also timed compiled, and traced graphs read
-those decisions. All candidates compute the same values up to float32 summation order, so a wrong decision can
-only cost speed.
+weight's kind (`CANDIDATES`) on weights streamed from memory (a few ms) and keeps the fastest (`few_row_choices`,
+logged once per decision; stored per machine by `measured_rwkv7`, so a later process reads it). Inside
+`measuring_compiled_products()` (what `compile_decode_step` runs its warm-up step in) the candidates are also timed
+compiled, and traced graphs read those decisions. All candidates compute the same values up to float32 summation
+order, so a wrong decision can only cost speed.
 """
 
 import contextlib
+import dataclasses
 import itertools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
+
+from .measured_rwkv7 import store_decision, stored_decision, timed_while_quiet
 
 logger = logging.get_logger(__name__)
 
@@ -40,7 +42,6 @@ _STREAM_BYTES = 64 << 20
 _COMPILED_CALL_BYTES = 4 << 20
 _TIMED_PASSES = 3
 _PASS_SECONDS = 0.004  # a pass ends after the call that exceeds this (or after every copy once)
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def linear_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def _int8_weight_only_type() -> Optional[type]:
 
 
 def weight_kind(weight: torch.Tensor, input_dtype: torch.dtype) -> Optional[str]:
-    """"dense" for a plain contiguous weight of the input's dtype, "int8_rows" for a torchao int8 weight-only
+    """ "dense" for a plain contiguous weight of the input's dtype, "int8_rows" for a torchao int8 weight-only
     tensor with per-row scales, None for anything else (other tensor subclasses...: only F.linear is used)."""
     if type(weight) in _PLAIN_TENSOR_TYPES:
         return "dense" if weight.is_contiguous() and weight.dtype == input_dtype else None
@@ -128,33 +129,6 @@ def measuring_compiled_products():
 def _rows_bucket(rows: int) -> int:
     """Row counts decided together: 1, 2, 4, 8, 16 (the next power of two)."""
     return 1 << (rows - 1).bit_length()
-
-
-def _busy_cpu_seconds() -> float:
-    """CPU seconds all processes have used (from /proc/stat), or nan where there is no /proc."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(value) for value in stat.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS  # all but idle and iowait
-
-
-def timed_while_quiet(time_once: Callable[[], dict]) -> tuple[dict, float]:
-    """`time_once()` (it returns seconds per candidate) and the CPU seconds other processes used meanwhile, taken
-    once more if they kept a core busy half the time (on a 2-core machine such load slows threaded work tens of
-    times): the quieter of the attempts."""
-    quietest = None
-    for _attempt in range(2):
-        busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-        seconds = time_once()
-        wall = time.perf_counter() - start
-        other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
-        if quietest is None or other_cpu < quietest[1]:
-            quietest = seconds, other_cpu
-        if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
-            break
-    return quietest
 
 
 def _zero_copies(weight: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -242,9 +216,15 @@ def few_row_product(weight: torch.Tensor, rows: int, kind: str, input_dtype: tor
         few_row_choices.clear()
         _choices_threads[0] = threads
     for compiled in (False, True) if _measuring_compiled[0] else (False,):
-        if (*key, compiled) not in few_row_choices:
+        if (*key, compiled) in few_row_choices:
+            continue
+        stored = stored_decision("few_row", (*key, compiled))
+        if stored is not None:  # measured on this machine before
+            few_row_choices[(*key, compiled)] = FewRowChoice(**stored)
+        else:
             choice = measure_few_row_products(weight, key[-1], input_dtype, CANDIDATES[kind], compiled)
             few_row_choices[(*key, compiled)] = choice
+            store_decision("few_row", (*key, compiled), dataclasses.asdict(choice))
             timings = ", ".join(f"{name} {seconds * 1e6:.0f} us" for name, seconds in choice.seconds.items())
             logger.info(
                 f"RWKV7Linear: {key[-1]} row(s) x [{key[0]}, {key[1]}] {storage_dtype} at {threads} threads"
@@ -260,12 +240,24 @@ class RWKV7Linear(nn.Linear):
     float32 summation order. Anything else (more rows, other devices, weights that are neither plain contiguous
     tensors of the input's dtype nor torchao per-row int8 weight-only tensors) is `nn.Linear`'s."""
 
+    # a FEW_ROW_PRODUCTS name forced by `config.implementation["projection"]` (set by the model), else measured
+    forced_product: Optional[str] = None
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         rows = hidden_states.numel() // self.in_features
         kind = weight_kind(self.weight, hidden_states.dtype)
-        if hidden_states.device.type != "cpu" or not 0 < rows <= GEMV_MAX_ROWS or kind is None:
+        # a symbolic row count (a dynamic-shape trace) has no measured product, and a test of it would pin the size
+        symbolic = isinstance(rows, torch.SymInt)
+        if symbolic or hidden_states.device.type != "cpu" or not 0 < rows <= GEMV_MAX_ROWS or kind is None:
             return super().forward(hidden_states)
-        product = FEW_ROW_PRODUCTS[few_row_product(self.weight, rows, kind, hidden_states.dtype)]
+        name = self.forced_product
+        if name is None:
+            name = few_row_product(self.weight, rows, kind, hidden_states.dtype)
+        elif name not in CANDIDATES[kind]:
+            raise ValueError(
+                f"implementation['projection']={name!r} cannot multiply a {kind} weight; it takes {CANDIDATES[kind]}."
+            )
+        product = FEW_ROW_PRODUCTS[name]
         output = product(hidden_states.reshape(rows, self.in_features), self.weight)
         output = output.reshape(*hidden_states.shape[:-1], self.out_features)
         return output if self.bias is None else output + self.bias

@@ -5,6 +5,7 @@ LoRA targets for `rwkv7` apply). Official names are given next to each parameter
 """
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,22 +14,38 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.kernel_config import infer_device
 
 from .cache_rwkv7 import RWKV7Cache
 from .configuration_rwkv7 import RWKV7Config
+from .decode_rwkv7 import native_decode_step
+from .dispatch_rwkv7 import decode_implementation, native_ops, resolve_implementation
 from .linear_rwkv7 import RWKV7Linear
-from .wkv import RWKV7WKV
+from .wkv import DECAY_SCALE, RWKV7WKV
+from .wkv_kernel import LAYER_NAME, kernel_config_repository
 
 logger = logging.get_logger(__name__)
 
-# decay = exp(-exp(-0.5) * sigmoid(w)) lies in (0.5452, 1)
-DECAY_SCALE = math.exp(-0.5)
+
+# a parameter of one block, e.g. "model.layers.3.attn.x_r"
+_BLOCK_KEY = re.compile(r"(^|\.)layers\.\d+\.")
 
 # what RWKV7ForCausalLM.forward passes on to the loss (the Trainer's `num_items_in_batch`, ...)
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+# the positions RWKV7ForCausalLM.forward reads at once when only the last logits are kept (a long prompt): a chunk's
+# activations are the memory it needs, whatever the prompt's length
+PREFILL_CHUNK_SIZE = 4096
+
+# what generate() consumes itself and its decoding loop passes on to prepare_inputs_for_generation
+GENERATE_ONLY_KWARGS = ("tokenizer", "assistant_tokenizer", "assistant_model")
+# the generation-config fields that turn generate() into assisted decoding (besides `assistant_model`)
+ASSISTED_DECODING_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
 
 def token_shift(
@@ -291,9 +308,63 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """transformers' adjustment of the load report, then a refusal of weights whose blocks are not those of
+        `config.num_hidden_layers`: from_pretrained would otherwise initialise the missing blocks randomly, or drop
+        the extra ones, with only a warning."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        missing = sorted(filter(_BLOCK_KEY.search, loading_info.missing_keys))
+        unexpected = sorted(filter(_BLOCK_KEY.search, loading_info.unexpected_keys))
+        if missing or unexpected:
+            raise ValueError(
+                f"The weights do not fit config.num_hidden_layers={self.config.num_hidden_layers}: the checkpoint "
+                f"lacks {len(missing)} block weights {missing[:2]} and holds {len(unexpected)} that the model has no "
+                f"place for {unexpected[:2]}. The config.json does not describe these weights."
+            )
+
     def init_cache(self, batch_size: int = 1) -> RWKV7Cache:
         """A fresh (zero) recurrent state for `batch_size` sequences, on the model's device."""
         return RWKV7Cache(self.config, batch_size, dtype=self.dtype, device=self.device)
+
+    def post_init(self):
+        super().post_init()
+        self._apply_projection_implementation()
+
+    @classmethod
+    def from_pretrained(cls, *args, kernel_config=None, **kwargs):
+        """transformers' `from_pretrained`, with a `kernel_config` checked first (`kernel_config_repository`):
+        transformers loads the kernels it names while it builds the model, so a Hub kernel not pinned to a commit is
+        refused before anything is fetched."""
+        if kernel_config is not None:
+            kernel_config_repository(kernel_config)
+        return super().from_pretrained(*args, kernel_config=kernel_config, **kwargs)
+
+    def set_use_kernels(self, use_kernels, kernel_config=None, mode=None, device_map=None):
+        """transformers kernelizes every model it loads with its default Hub mapping, which has no kernel for this
+        model's one hub layer (`RWKV7WKV`), and Hub code runs only on the user's own opt-in: without a
+        `kernel_config` (now, or kept from an earlier call) nothing is kernelized. A `kernel_config` mapping
+        "RWKV7WKV" to a local build or to a Hub repository pinned to a commit (`kernel_config_repository`) becomes the
+        `kernels` mapping for the model's device here (transformers 5.25 refuses CPU and local entries in its own
+        conversion), then transformers kernelizes, and re-kernelizes on `train()`/`eval()`."""
+        if use_kernels and kernel_config is not None:
+            repository = kernel_config_repository(kernel_config)
+            kernel_config.kernel_mapping = {LAYER_NAME: {infer_device(self): repository}}
+            self.kernel_config, kernel_config = kernel_config, None  # transformers' kernelize reads self.kernel_config
+        elif use_kernels and self.kernel_config is None:
+            return
+        super().set_use_kernels(use_kernels, kernel_config, mode, device_map)
+
+    def set_implementation(self, **implementation: str) -> None:
+        """Force the implementation of ops (`dispatch_rwkv7`), e.g. `model.set_implementation(decode="eager",
+        wkv="chunked")`; "auto" gives an op back to the default. Writes `config.implementation`."""
+        self.config.implementation = resolve_implementation({**self.config.implementation, **implementation})
+        self._apply_projection_implementation()
+
+    def _apply_projection_implementation(self) -> None:
+        projection = self.config.implementation["projection"]
+        for module in self.modules():
+            if isinstance(module, RWKV7Linear):
+                module.forced_product = None if projection == "auto" else projection
 
 
 def _orthogonal_gain(weight: torch.Tensor) -> float:
@@ -358,14 +429,15 @@ def _init_feed_forward(ffn: RWKV7FeedForward, config: RWKV7Config) -> None:
 class RWKV7ModelOutput(ModelOutput):
     """
     last_hidden_state: [batch, seq_len, hidden], after the final norm.
-    pooler_output: [batch, hidden], the last real (non-padded) position of each row: the sequence encoding.
-    past_key_values: the recurrent state after this input (`RWKV7Cache`), when `use_cache`.
+    pooler_output: [batch, hidden], the last real (non-padded) position of each row: the sequence encoding; zeros
+        for a row that the attention_mask pads entirely (no real position in this input).
+    cache: the recurrent state after this input (`RWKV7Cache`), when `use_cache`.
     hidden_states: the input of every block and the final output, when `output_hidden_states`.
     """
 
     last_hidden_state: Optional[torch.FloatTensor] = None
     pooler_output: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[RWKV7Cache] = None
+    cache: Optional[RWKV7Cache] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
@@ -399,11 +471,12 @@ class RWKV7Model(RWKV7PreTrainedModel):
                     f"This model has no token embedding (vocab_size=None): pass features of width "
                     f"{self.config.input_size} as inputs_embeds."
                 )
+            _check_token_ids(input_ids, self.config.vocab_size)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-            _check_token_ids(input_ids, self.config.vocab_size)
             return self.embeddings(input_ids)
         width = self.config.input_size or self.config.hidden_size
+        _check_is_tensor(inputs_embeds, "inputs_embeds", f"[batch, seq_len, {width}]")
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
             raise ValueError(
                 f"inputs_embeds must be [batch, seq_len, {width}], got shape {tuple(inputs_embeds.shape)}."
@@ -413,13 +486,14 @@ class RWKV7Model(RWKV7PreTrainedModel):
         inputs_embeds = inputs_embeds.to(self.dtype)
         return self.input_proj(inputs_embeds) if self.input_proj is not None else inputs_embeds
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RWKV7Cache] = None,
+        cache: Optional[RWKV7Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
@@ -439,7 +513,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
             `DataCollatorWithFlattening` and TRL's padding-free collator give): document starts, as with
             position_ids. seq_idx: [1, seq_len] document index of each token, likewise. max_length_q / max_length_k
             (the longest document, for attention kernels) are accepted and not needed.
-        past_key_values: an `RWKV7Cache` to continue from; the new state is written into it.
+        cache: an `RWKV7Cache` to continue from; the new state is written into it.
         output_attentions: RWKV-7 has no attention weights; only None / False are accepted.
         """
         if output_attentions:
@@ -456,17 +530,15 @@ class RWKV7Model(RWKV7PreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        mask = _padding_mask(attention_mask, batch_size, seq_len)
+        mask = _padding_mask(attention_mask, batch_size, seq_len, continues_a_cache=cache is not None)
         reset = _document_starts(batch_size, seq_len, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)
 
-        if past_key_values is not None:
-            if not isinstance(past_key_values, RWKV7Cache):
-                raise TypeError(
-                    f"past_key_values must be an RWKV7Cache (see model.init_cache), got {type(past_key_values).__name__}."
-                )
-            past_key_values.check_compatible(self.config, batch_size)
+        if cache is not None:
+            if not isinstance(cache, RWKV7Cache):
+                raise TypeError(f"cache must be an RWKV7Cache (see model.init_cache), got {type(cache).__name__}.")
+            cache.check_compatible(self.config, batch_size, hidden_states.dtype)
         elif use_cache:
-            past_key_values = RWKV7Cache(self.config, batch_size, dtype=hidden_states.dtype, device=hidden_states.device)
+            cache = RWKV7Cache(self.config, batch_size, dtype=hidden_states.dtype, device=hidden_states.device)
 
         all_hidden_states = () if output_hidden_states else None
         zeros = hidden_states.new_zeros(batch_size, self.config.hidden_size)
@@ -474,8 +546,8 @@ class RWKV7Model(RWKV7PreTrainedModel):
         for layer_idx, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            if past_key_values is not None:
-                state = past_key_values.layers[layer_idx]
+            if cache is not None:
+                state = cache.layers[layer_idx]
                 # the WKV arithmetic is float32 whatever the dtype the state is kept in
                 layer_state = (state.attn_shift_state, state.recurrent_state.float(), state.ffn_shift_state)
             else:
@@ -483,34 +555,51 @@ class RWKV7Model(RWKV7PreTrainedModel):
             hidden_states, v_first, attn_shift, recurrent_state, ffn_shift = layer(
                 hidden_states, v_first, *layer_state, mask, reset
             )
-            if past_key_values is not None:
+            if cache is not None:
                 state.update(recurrent_state, attn_shift, ffn_shift)
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        if past_key_values is not None:
-            past_key_values.add_seen_tokens(seq_len)
+        if cache is not None:
+            cache.add_seen_tokens(seq_len)
 
-        last_real = _last_real_position(mask, batch_size, seq_len, hidden_states.device)
-        pooler_output = hidden_states[torch.arange(batch_size, device=hidden_states.device), last_real]
+        pooler_output = _pool_last_real(hidden_states, mask)
         return RWKV7ModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooler_output,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=all_hidden_states,
         )
 
 
-def _padding_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
-    """The [batch, seq_len] bool mask of this chunk (the last seq_len columns), or None when nothing is padded."""
+def _padding_mask(
+    attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int, continues_a_cache: bool
+) -> Optional[torch.Tensor]:
+    """The [batch, seq_len] bool mask of this chunk (the last seq_len columns), or None when nothing is padded.
+    `attention_mask` holds 0 / 1 (or bools) over [batch, past + seq_len]; past positions exist only when the input
+    `continues_a_cache`."""
     if attention_mask is None:
         return None
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+    _check_is_tensor(attention_mask, "attention_mask", "[batch, past + seq_len]")
+    past_length = attention_mask.shape[-1] - seq_len
+    if (
+        attention_mask.dim() != 2
+        or attention_mask.shape[0] != batch_size
+        or past_length < 0
+        or (not continues_a_cache and past_length > 0)
+    ):
+        expected = f"past + seq_len >= {seq_len}" if continues_a_cache else f"seq_len={seq_len} (no cache: no past)"
         raise ValueError(
-            f"attention_mask must be [batch={batch_size}, past + seq_len >= {seq_len}], "
-            f"got shape {tuple(attention_mask.shape)}."
+            f"attention_mask must be [batch={batch_size}, {expected}], got shape {tuple(attention_mask.shape)}."
         )
+    if not torch.compiler.is_compiling() and attention_mask.dtype != torch.bool:
+        not_binary = (attention_mask != 0) & (attention_mask != 1)
+        if not_binary.any():
+            raise ValueError(
+                f"attention_mask holds {attention_mask[not_binary][0].item()}; expected 1 for a token, 0 for padding "
+                "(or bools)."
+            )
     mask = attention_mask[:, -seq_len:].bool()
     # eager runs skip the masking work when nothing is padded; a traced graph never branches on the data
     if not torch.compiler.is_compiling() and bool(mask.all()):
@@ -518,9 +607,20 @@ def _padding_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_l
     return mask
 
 
+def _check_is_tensor(value, name: str, shape: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor {shape}, got a {type(value).__name__}: pass torch.tensor(...)."
+        )
+
+
 def _check_token_ids(input_ids: torch.LongTensor, vocab_size: int) -> None:
-    """Raise if a token id lies outside [0, vocab_size): a ValueError naming it when run eagerly, an asynchronous
-    assertion inside a traced graph (torch.compile, torch.export), which must not branch on the data."""
+    """Raise a TypeError unless `input_ids` is an int64 / int32 tensor, and if a token id lies outside
+    [0, vocab_size): a ValueError naming it when run eagerly, an asynchronous assertion inside a traced graph
+    (torch.compile, torch.export), which must not branch on the data."""
+    _check_is_tensor(input_ids, "input_ids", "[batch, seq_len]")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold int64 (or int32) token ids, got dtype {input_ids.dtype}.")
     out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
     if torch.compiler.is_compiling():
         torch._assert_async(~out_of_range.any(), f"A token id is out of the vocabulary range [0, {vocab_size}).")
@@ -543,9 +643,14 @@ def _document_starts(
     seq_idx [1, seq_len] (a change of the document index); several of them are combined."""
     reset = None
     if position_ids is not None:
-        if position_ids.dim() != 2 or position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch_size):
+        if (
+            position_ids.dim() != 2
+            or position_ids.shape[-1] != seq_len
+            or position_ids.shape[0] not in (1, batch_size)
+        ):
             raise ValueError(
-                f"position_ids must be [batch={batch_size} or 1, seq_len={seq_len}], got shape {tuple(position_ids.shape)}."
+                f"position_ids must be [batch={batch_size} or 1, seq_len={seq_len}], "
+                f"got shape {tuple(position_ids.shape)}."
             )
         reset = (position_ids == 0).expand(batch_size, seq_len)
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
@@ -585,20 +690,87 @@ def _cu_seq_lens_starts(
                 "recurrent model reads each packed document once, so the two must be the same."
             )
         lengths = cu_seq_lens.diff()
-        if int(cu_seq_lens[0]) != 0 or int(cu_seq_lens[-1]) != seq_len or bool((lengths < 0).any()):
+        if int(cu_seq_lens[0]) != 0 or int(cu_seq_lens[-1]) != seq_len or bool((lengths <= 0).any()):
             raise ValueError(
-                f"cu_seq_lens {cu_seq_lens.tolist()} must rise from 0 to seq_len={seq_len} (cumulative document lengths)."
+                f"cu_seq_lens {cu_seq_lens.tolist()} must rise from 0 to seq_len={seq_len} (cumulative document "
+                "lengths; a document holds at least one token)."
             )
     positions = torch.arange(seq_len, device=cu_seq_lens.device)
     return (positions[:, None] == cu_seq_lens[None, :-1].to(positions.dtype)).any(dim=1)[None]
 
 
-def _last_real_position(mask: Optional[torch.Tensor], batch_size: int, seq_len: int, device) -> torch.Tensor:
-    """Index of the last non-padded position per row ([batch] long); the last position when nothing is padded."""
+def _pool_last_real(hidden_states: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """hidden_states [batch, seq_len, hidden] at the last non-padded position of each row ([batch, hidden]); zeros
+    for a row that is all padding (mask [batch, seq_len] bool, None when nothing is padded)."""
     if mask is None:
-        return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
-    positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
-    return torch.where(mask, positions, -1).amax(dim=1).clamp_min(0)
+        return hidden_states[:, -1]
+    batch_size, seq_len = mask.shape
+    positions = torch.arange(seq_len, device=mask.device).expand(batch_size, seq_len)
+    last_real = torch.where(mask, positions, -1).amax(dim=1)
+    pooled = hidden_states[torch.arange(batch_size, device=mask.device), last_real.clamp_min(0)]
+    return pooled.masked_fill(last_real[:, None] < 0, 0.0)
+
+
+def _kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
+    """The positions the vocabulary head is computed for: the last `logits_to_keep` (0 = all), or an index tensor."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return logits_to_keep
+    if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        raise ValueError(
+            f"logits_to_keep must be an integer >= 0 (0 keeps every position) or a tensor of positions, got "
+            f"{logits_to_keep!r}."
+        )
+    return slice(-logits_to_keep, None)
+
+
+def _check_labels(labels, shift_labels, expected_shape: torch.Size) -> None:
+    """Raise unless `labels` (and `shift_labels`, when given) are int64 tensors of the logits' [batch, positions]."""
+    for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+        if value is None:
+            continue
+        _check_is_tensor(value, name, "[batch, seq_len]")
+        if value.dtype != torch.int64:
+            raise TypeError(f"{name} must hold int64 token ids (-100 to ignore), got dtype {value.dtype}.")
+        if value.shape != expected_shape:
+            raise ValueError(
+                f"{name} must be [batch, seq_len] = {tuple(expected_shape)}, the positions with logits, got shape "
+                f"{tuple(value.shape)}."
+            )
+
+
+def _counted_targets(labels: torch.Tensor, loss_kwargs: dict) -> dict:
+    """`loss_kwargs` with `num_items_in_batch` (the number of targets that are not `ignore_index`, unless the
+    Trainer gives it) raised to at least 1. The loss is then the mean over the counted targets, and 0.0 (with zero
+    gradients) when there are none, where a plain mean would be NaN."""
+    num_items = loss_kwargs.get("num_items_in_batch")
+    if num_items is None:
+        targets = loss_kwargs.get("shift_labels")
+        targets = labels[:, 1:] if targets is None else targets
+        num_items = (targets != loss_kwargs.get("ignore_index", -100)).sum()
+    num_items = num_items.clamp_min(1) if isinstance(num_items, torch.Tensor) else max(num_items, 1)
+    return {**loss_kwargs, "num_items_in_batch": num_items}
+
+
+def _reads_in_chunks(
+    input_ids, inputs_embeds, labels, logits_to_keep, output_hidden_states, position_ids, cu_seq_lens_q,
+    cu_seq_lens_k, seq_idx,
+) -> bool:  # fmt: skip
+    """Whether RWKV7ForCausalLM.forward reads its input `PREFILL_CHUNK_SIZE` positions at a time: an input longer
+    than that, of which only the last position's logits are kept, nothing else asked of the positions (labels,
+    hidden states, documents packed by cu_seq_lens or seq_idx), and no gradient to record."""
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    return (
+        isinstance(inputs, torch.Tensor)
+        and inputs.dim() >= 2
+        and inputs.shape[1] > PREFILL_CHUNK_SIZE
+        and isinstance(logits_to_keep, int)
+        and logits_to_keep == 1
+        and not torch.is_grad_enabled()
+        and not output_hidden_states
+        and all(x is None for x in (labels, cu_seq_lens_q, cu_seq_lens_k, seq_idx))
+        and (position_ids is None or (position_ids.dim() == 2 and position_ids.shape[1] == inputs.shape[1]))
+        and not torch.compiler.is_compiling()
+    )
 
 
 class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
@@ -618,13 +790,14 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RWKV7Cache] = None,
+        cache: Optional[RWKV7Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
@@ -639,7 +812,8 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         **loss_kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
-        labels: [batch, seq_len] next-token targets (shifted inside), -100 to ignore.
+        labels: [batch, seq_len] int64 next-token targets (shifted inside), -100 to ignore. The loss is the mean
+            cross-entropy over the targets that are not ignored, and 0.0 when all are.
         logits_to_keep: compute logits only for the last `logits_to_keep` positions (0 = all), or for the positions
             in a 1-D index tensor; the vocabulary head is skipped for the others.
         loss_kwargs: only what the loss takes (`num_items_in_batch`, `ignore_index`, `shift_labels`, as the
@@ -648,11 +822,27 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         unknown = sorted(set(loss_kwargs) - set(LOSS_KWARGS))
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}.")
+        other_inputs = any(x is not None for x in (inputs_embeds, labels, cu_seq_lens_q, cu_seq_lens_k, seq_idx))
+        other_inputs = other_inputs or bool(output_hidden_states) or use_cache is False
+        if decode_implementation(self, input_ids, cache, attention_mask, logits_to_keep, other_inputs) == "native":
+            # a decoding step through the package's native CPU ops (dispatch_rwkv7), unless the model holds a
+            # module they cannot read (a PEFT adapter): then the eager modules below
+            step = native_decode_step(self, native_ops())
+            if step.readable():
+                _check_token_ids(input_ids, self.config.vocab_size)
+                _padding_mask(attention_mask, input_ids.shape[0], 1, continues_a_cache=True)  # refuses bad masks
+                cache.check_compatible(self.config, input_ids.shape[0], self.dtype)
+                return step(input_ids, cache)
+        if _reads_in_chunks(input_ids, inputs_embeds, labels, logits_to_keep, output_hidden_states, position_ids,
+                            cu_seq_lens_q, cu_seq_lens_k, seq_idx):  # fmt: skip
+            return self._last_logits_in_chunks(
+                input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -664,57 +854,134 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        kept = hidden_states[:, _kept_positions(logits_to_keep), :]
+        if labels is not None:
+            _check_labels(labels, loss_kwargs.get("shift_labels"), kept.shape[:2])
+        logits = self.lm_head(kept)
 
         loss = None
         if labels is not None:
+            loss_kwargs = _counted_targets(labels, loss_kwargs)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
         )
+
+    def _last_logits_in_chunks(
+        self,
+        input_ids: Optional[torch.LongTensor],
+        inputs_embeds: Optional[torch.FloatTensor],
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.LongTensor],
+        cache: Optional[RWKV7Cache],
+        use_cache: Optional[bool],
+    ) -> CausalLMOutputWithPast:
+        """The last position's logits [batch, 1, vocab] of a long input, read `PREFILL_CHUNK_SIZE` positions at a
+        time: the state carries everything from one chunk to the next, so the memory is that of one chunk's
+        activations at any length (what generate() asks of a prompt: `logits_to_keep=1`). A document that starts
+        (position 0) at a chunk's first position starts from a zeroed row of the state."""
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        batch_size, seq_len = inputs.shape[:2]
+        _padding_mask(attention_mask, batch_size, seq_len, continues_a_cache=cache is not None)  # refuses bad masks
+        if cache is None:
+            cache = self.init_cache(batch_size)
+        mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        for start in range(0, seq_len, PREFILL_CHUNK_SIZE):
+            chunk = slice(start, start + PREFILL_CHUNK_SIZE)
+            if position_ids is not None and start > 0:
+                for row in (position_ids[:, start] == 0).expand(batch_size).nonzero()[:, 0].tolist():
+                    cache.reset_row(row)
+            outputs = self.model(
+                input_ids=input_ids[:, chunk] if input_ids is not None else None,
+                inputs_embeds=inputs_embeds[:, chunk] if inputs_embeds is not None else None,
+                attention_mask=mask[:, chunk] if mask is not None else None,
+                position_ids=position_ids[:, chunk] if position_ids is not None else None,
+                cache=cache,
+                use_cache=True,
+            )
+        logits = self.lm_head(outputs.last_hidden_state[:, -1:])
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: Optional[int] = None,
-        past_key_values: Optional[RWKV7Cache] = None,
+        cache: Optional[RWKV7Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
         is_first_iteration: Optional[bool] = False,
         **kwargs,
     ):
-        """GenerationMixin's, refusing a warm cache that the input cannot extend.
+        """GenerationMixin's, refusing a warm cache that the input cannot extend, and with no attention mask in a
+        decoding step: the tokens generate() feeds after the prompt are never padding (it extends the mask with
+        ones), so every step has the same inputs (no recompilation of a compiled step for a growing mask; two steps
+        merged into one call, as transformers' exporter does, stay correct).
 
-        With a warm cache (`past_key_values` that has seen `n` tokens), generate() expects the FULL ids, the `n`
+        With a warm cache (`cache` that has seen `n` tokens), generate() expects the FULL ids, the `n`
         tokens the cache has seen followed by the new ones, and feeds only the ids after the first `n`. (Or only
         the new ids together with an attention_mask over all `n + new` positions.) The cache keeps no tokens, so
         it cannot check that the first `n` ids are the ones it saw; an input not longer than `n` is refused.
         """
-        if is_first_iteration and past_key_values is not None and next_sequence_length is not None:
-            if next_sequence_length <= 0:
-                seen = past_key_values.get_seq_length()
+        # generate() hands its own arguments (the tokenizer for `stop_strings`, ...) to the decoding loop, which
+        # passes whatever it does not name on to here; the model takes none of them
+        for name in GENERATE_ONLY_KWARGS:
+            kwargs.pop(name, None)
+        if is_first_iteration and cache is not None and next_sequence_length is not None:
+            seen = cache.get_seq_length()
+            if seen + next_sequence_length <= 0:
                 raise ValueError(
-                    f"generate() got {seen + next_sequence_length} input positions but past_key_values has already "
+                    f"generate() got an empty prompt (input_ids of shape {tuple(input_ids.shape)}): pass at least "
+                    "one token per row (e.g. 0, the end-of-document token)."
+                )
+            if next_sequence_length <= 0:
+                raise ValueError(
+                    f"generate() got {seen + next_sequence_length} input positions but cache has already "
                     f"seen {seen} tokens: with a warm cache, generate() expects the full ids (the {seen} tokens the "
                     f"cache has seen, then the new ones) and feeds only the ids after position {seen}. Pass the full "
-                    "ids, or feed only the new ids with `model(new_ids, past_key_values=cache)` and continue from there."
+                    "ids, or feed only the new ids with `model(new_ids, cache=cache)` and continue from there."
                 )
-        model_inputs = super().prepare_inputs_for_generation(
+        if cache is not None and not is_first_iteration:
+            attention_mask = None
+        return super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
-            past_key_values=past_key_values,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        # the forward reads only the mask of the positions it is given: a decoding step then has the same shapes
-        # every time (no recompilation of a compiled step for a growing mask)
-        attention_mask = model_inputs.get("attention_mask")
-        inputs = model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
-        if attention_mask is not None and attention_mask.shape[1] > inputs.shape[1]:
-            model_inputs["attention_mask"] = attention_mask[:, -inputs.shape[1] :].clone(memory_format=torch.contiguous_format)
-        return model_inputs
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs) -> None:
+        """Refuse assisted and prompt-lookup decoding: both verify draft tokens and then undo the rejected ones,
+        which a recurrent state cannot do (it keeps no per-token history to crop)."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            used = [f"{name}={getattr(generation_config, name)!r}" for name in ASSISTED_DECODING_SETTINGS]
+            used = [setting for setting in used if not setting.endswith(("=None", "=False"))]
+            if generation_mode_kwargs.get("assistant_model") is not None:
+                used.insert(0, "assistant_model=...")
+            raise ValueError(
+                f"generate({', '.join(used)}) asks for assisted decoding, which RWKV-7 cannot do: it undoes "
+                "rejected draft tokens by cropping the cache, and a recurrent state keeps no per-token history to "
+                "crop. Generate without it (a decoding step costs the same at any length)."
+            )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """GenerationMixin's; says once why `compile_config` does nothing on CPU."""
+        can_compile = super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+        if generation_config.compile_config is not None and not can_compile and self.device.type == "cpu":
+            logger.warning_once(
+                "RWKV-7: compile_config is not used on CPU: transformers compiles generate()'s decoding step on "
+                "accelerators only. On CPU, compile the forward pass yourself before generate(): "
+                "`model.forward = torch.compile(model.forward, fullgraph=True)` (or decode with "
+                "`modeling_rwkv7.decode_rwkv7.compile_decode_step`)."
+            )
+        return can_compile
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
@@ -724,16 +991,16 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache:
+        if model_kwargs.get("cache") is None and generation_config.use_cache:
             rows = batch_size * max(generation_config.num_beams, generation_config.num_return_sequences)
-            model_kwargs["past_key_values"] = self.init_cache(rows)
+            model_kwargs["cache"] = self.init_cache(rows)
 
     def create_masks_for_generate(
         self,
         config: RWKV7Config,
         inputs_embeds: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
-        past_key_values: Optional[RWKV7Cache],
+        cache: Optional[RWKV7Cache],
         position_ids: Optional[torch.Tensor] = None,
         block_sequence_ids: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
@@ -743,6 +1010,16 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         """generate() asks a model with a compilable cache for 4-D attention masks; the recurrence needs only the
         2-D padding mask [batch, past + seq_len], which is returned as it is."""
         return attention_mask
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """A continuous batching manager over a pool of recurrent states (transformers' own one keeps a paged KV
+        cache for attention layers): what `transformers serve --continuous-batching` and `generate_batch` run.
+        See `RWKV7ContinuousBatchingManager.from_configs` for what it reads of `continuous_batching_config`."""
+        from .continuous_batching_rwkv7 import RWKV7ContinuousBatchingManager
+
+        return RWKV7ContinuousBatchingManager.from_configs(
+            self, generation_config or self.generation_config, continuous_batching_config, workload_hints
+        )
 
 
 class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
@@ -761,13 +1038,14 @@ class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.embeddings = value
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RWKV7Cache] = None,
+        cache: Optional[RWKV7Cache] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
@@ -778,7 +1056,7 @@ class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -788,7 +1066,7 @@ class RWKV7ForSequenceClassification(RWKV7PreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
 

@@ -7,7 +7,7 @@ row of a batch. The result is a small file that any copy of the base model can s
     tuned.save_state("state.safetensors")                   # an `RWKV7Cache` file of batch size 1
 
     cache = RWKV7Cache.load("state.safetensors")            # later, with the base model alone:
-    model.generate(input_ids, past_key_values=cache)        # (or `tuned.generate(input_ids, ...)` for any batch)
+    model.generate(input_ids, cache=cache)        # (or `tuned.generate(input_ids, ...)` for any batch)
 
 Each row of a batch is one document that starts from the tuned state. Packed rows (document starts marked in
 `position_ids`) are refused: the model resets the state to zeros at a document start, not to the tuned state.
@@ -40,8 +40,12 @@ class RWKV7StateTuning(nn.Module):
         self.config = config
         self.initial_state = nn.Parameter(
             torch.zeros(
-                config.num_hidden_layers, config.num_heads, config.head_dim, config.head_dim,
-                dtype=torch.float32, device=model.device,
+                config.num_hidden_layers,
+                config.num_heads,
+                config.head_dim,
+                config.head_dim,
+                dtype=torch.float32,
+                device=model.device,
             )
         )
 
@@ -81,7 +85,7 @@ class RWKV7StateTuning(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=self.initial_cache(batch_size),
+            cache=self.initial_cache(batch_size),
             use_cache=False,
             **kwargs,
         )
@@ -89,7 +93,7 @@ class RWKV7StateTuning(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, **kwargs) -> torch.LongTensor:
         """`model.generate` with every row starting from the tuned state (`input_ids`: [batch, prompt_len])."""
-        return self.model.generate(input_ids, past_key_values=self.initial_cache(input_ids.shape[0]), **kwargs)
+        return self.model.generate(input_ids, cache=self.initial_cache(input_ids.shape[0]), **kwargs)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         """Recompute each block in the backward pass (see `PreTrainedModel.activation_checkpointing_enable`)."""
@@ -105,12 +109,14 @@ class RWKV7StateTuning(nn.Module):
         """Read a state written by `save_state` into `initial_state` (checks that it fits the model)."""
         cache = RWKV7Cache.load(path, config=self.config)
         if cache.batch_size != 1:
-            raise ValueError(f"{path} holds a state of batch size {cache.batch_size}; an initial state has batch size 1.")
+            raise ValueError(
+                f"{path} holds a state of batch size {cache.batch_size}; an initial state has batch size 1."
+            )
         for i, layer in enumerate(cache.layers):
             if layer.attn_shift_state.any() or layer.ffn_shift_state.any():
                 raise ValueError(
                     f"{path} holds non-zero token-shift states (layer {i}): it is a processed prompt, not an initial "
-                    "WKV state; use it directly as `past_key_values` instead."
+                    "WKV state; use it directly as `cache` instead."
                 )
         with torch.no_grad():
             self.initial_state.copy_(torch.stack([layer.recurrent_state[0] for layer in cache.layers]))

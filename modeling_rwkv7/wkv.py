@@ -18,11 +18,12 @@ The state and all accumulation are float32 whatever the input dtype.
 
 On CPU nothing about speed is assumed: the first eager call of each (batch x heads bucket, head_dim, dtype, grad or
 not) times the chunked form at every candidate chunk size and the per-token loop on small synthetic inputs (tens of
-ms, once per process, logged; never inside a traced graph) and keeps the fastest chunk size and the length from which
-the chunked form beats the loop (`wkv_choices`). Every path computes the same values up to float32 rounding, so a
-wrong decision can only cost speed.
+ms, once per machine: stored by `measured_rwkv7`, logged; never inside a traced graph) and keeps the fastest chunk
+size and the length from which the chunked form beats the loop (`wkv_choices`). Every path computes the same values
+up to float32 rounding, so a wrong decision can only cost speed.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -35,8 +36,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .configuration_rwkv7 import WKV_BACKENDS
-from .linear_rwkv7 import timed_while_quiet
+from .dispatch_rwkv7 import IMPLEMENTATIONS
+from .measured_rwkv7 import store_decision, stored_decision, timed_while_quiet
 from .wkv_chunked import DEFAULT_CHUNK_SIZE, wkv7_chunked
 
 try:
@@ -48,6 +49,9 @@ except ImportError:  # without `kernels` the WKV layer is simply not kernelizabl
 
 
 logger = logging.get_logger(__name__)
+
+# RWKV-7's decay is exp(log_decay) with log_decay = -DECAY_SCALE * sigmoid(w): it lies in (0.5452, 1)
+DECAY_SCALE = math.exp(-0.5)
 
 
 def wkv7_recurrent(
@@ -89,7 +93,13 @@ def wkv7_step(
 ) -> torch.Tensor:
     """One token's state update: inputs ``[batch, num_heads, head_dim]`` float32 (``decay``, not its log), ``state``
     ``[batch, num_heads, value, key]``. Returns the new state (not in place); the output is ``state @ r``."""
-    state_a = torch.linalg.vecdot(state, a[:, :, None, :])
+    if torch.compiler.is_compiling():
+        # a matmul, which inductor does not fuse: a state that only fused loop nests read, in a loop of several
+        # tokens whose final state is written in place to the cache, crashes inductor's CPU code generation
+        # (KeyError 'bufN', pytorch/pytorch#196570). Eager, the reduction is the faster of the two.
+        state_a = (state @ a[..., None]).squeeze(-1)
+    else:
+        state_a = torch.linalg.vecdot(state, a[:, :, None, :])
     new_state = state * decay[:, :, None, :]
     return new_state.addcmul_(state_a[..., :, None], b[..., None, :]).addcmul_(v[..., :, None], k[..., None, :])
 
@@ -146,8 +156,14 @@ def wkv_choice(key: tuple) -> WKVChoice:
     choice = wkv_choices.get(key)
     if torch.compiler.is_compiling():
         return _DEFAULT_CHOICE if choice is None else choice
-    if choice is None or choice.threads != torch.get_num_threads():
+    if choice is not None and choice.threads == torch.get_num_threads():
+        return choice
+    stored = stored_decision("wkv", key)  # measured on this machine before (at this thread count)
+    if stored is not None:
+        choice = wkv_choices[key] = WKVChoice(**stored)
+    else:
         choice = wkv_choices[key] = measure_wkv_choice(*key)
+        store_decision("wkv", key, dataclasses.asdict(choice))
         timings = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in choice.seconds.items())
         logger.info(
             f"RWKV-7 WKV: {key[0]} batch x heads of {key[1]}, {key[2]}, {'with' if key[3] else 'no'} grad, "
@@ -223,7 +239,7 @@ def _synthetic_inputs(heads: int, head_dim: int, seq_len: int, dtype: torch.dtyp
     r, k, v, kappa, iclr, decay = (torch.randn(1, seq_len, heads, head_dim, generator=generator) for _ in range(6))
     kappa = nn.functional.normalize(kappa, dim=-1)
     r, k, v, a, b = (x.to(dtype) for x in (r, k, v, -kappa, kappa * torch.sigmoid(iclr)))
-    return [r, -math.exp(-0.5) * torch.sigmoid(decay), k, v, a, b]  # the model's log-decay: -e^-0.5 sigmoid(.)
+    return [r, -DECAY_SCALE * torch.sigmoid(decay), k, v, a, b]  # the model's log-decay
 
 
 def _timed_call(op, inputs, tokens: int, with_grad: bool):
@@ -271,8 +287,8 @@ def select_wkv_backend(
             return "kernel", module
     if backend == "chunked" or (backend == "auto" and seq_len > 1 and seq_len >= _min_seq_len(device, choice_key)):
         return "chunked", None
-    if backend not in WKV_BACKENDS:
-        raise ValueError(f"Unknown WKV backend {backend!r}; expected one of {WKV_BACKENDS}.")
+    if backend not in IMPLEMENTATIONS["wkv"]:
+        raise ValueError(f"Unknown WKV implementation {backend!r}; expected one of {IMPLEMENTATIONS['wkv']}.")
     return ("step" if seq_len == 1 else "recurrent"), None
 
 
@@ -296,7 +312,9 @@ def wkv7(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 through the implementation `backend` selects (see `select_wkv_backend`; the choice is logged once).
     On CPU the chunked form's chunk size and the length from which "auto" takes it are measured (`wkv_choice`)."""
-    key = wkv_choice_key(r, log_decay, k, v, a, b, initial_state) if r.device.type == "cpu" else None
+    # a symbolic batch (a dynamic-shape export) takes the defaults: looking up its decision would pin its size
+    measured = r.device.type == "cpu" and not isinstance(r.shape[0], torch.SymInt)
+    key = wkv_choice_key(r, log_decay, k, v, a, b, initial_state) if measured else None
     name, kernel = select_wkv_backend(backend, r.shape[1], r.device, kernel_repo, key)
     if not torch.compiler.is_compiling():  # logging would break a traced graph
         logger.info_once(f"RWKV-7 WKV: {name} implementation (wkv_backend={backend!r}, device {r.device.type})")
@@ -329,5 +347,15 @@ class RWKV7WKV(nn.Module):
         initial_state: Optional[torch.Tensor] = None,
         reset: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return wkv7(r, log_decay, k, v, a, b, initial_state, reset,
-                    backend=self.config.wkv_backend, kernel_repo=self.config.kernel_repo)
+        return wkv7(
+            r,
+            log_decay,
+            k,
+            v,
+            a,
+            b,
+            initial_state,
+            reset,
+            backend=self.config.wkv_backend,
+            kernel_repo=self.config.kernel_repo,
+        )

@@ -150,8 +150,16 @@ class _WKV7Chunked(torch.autograd.Function):
             grad_gamma = torch.empty_like(terms.gamma)
             w, ends, gamma, start_states, grad_uv_chunks, grad_ends_chunks, grad_gamma_chunks, grad_start_from_y = (
                 x.unflatten(0, (last - first, heads))
-                for x in (terms.w, terms.ends, terms.gamma, starts, grad_uv, grad_ends, grad_gamma,
-                          grad_y_chunks.mT @ terms.r_start)
+                for x in (
+                    terms.w,
+                    terms.ends,
+                    terms.gamma,
+                    starts,
+                    grad_uv,
+                    grad_ends,
+                    grad_gamma,
+                    grad_y_chunks.mT @ terms.r_start,
+                )
             )
             for c in reversed(range(last - first)):
                 grad_ends_chunks[c] = grad_state
@@ -268,8 +276,9 @@ def _chunk_terms(r, log_decay, k, v, a, b, segment) -> _ChunkTerms:
     )
 
 
-def _chunk_terms_backward(terms, r, log_decay, k, v, a, b, *, uv, grad_y, grad_uv, grad_w, grad_ends, grad_gamma,
-                          grad_r_start):
+def _chunk_terms_backward(
+    terms, r, log_decay, k, v, a, b, *, uv, grad_y, grad_uv, grad_w, grad_ends, grad_gamma, grad_r_start
+):
     """Gradients of (r, log_decay, k, v, a, b) from those of the chunk terms; ``uv`` is ``[U; v]`` and
     ``grad_uv`` its gradient (the part through ``u_intra`` included, as ``U = w S0^T + u_intra``)."""
     problems, chunk_size, head_dim = r.shape
@@ -291,7 +300,9 @@ def _chunk_terms_backward(terms, r, log_decay, k, v, a, b, *, uv, grad_y, grad_u
     grad_scores.masked_fill_(terms.invalid, 0.0)
     grad_left = (grad_scores @ terms.right.view(problems, blocks, 2 * chunk_size, head_dim)).view_as(terms.left)
     for which, grad_start in enumerate((grad_a_start, grad_r_start)):
-        grad_left[:, :, which].addcmul_(grad_start.view(problems, blocks, block, head_dim), terms.start_factor[:, :, 0])
+        grad_left[:, :, which].addcmul_(
+            grad_start.view(problems, blocks, block, head_dim), terms.start_factor[:, :, 0]
+        )
     grad_left.mul_(terms.row_scale)
     grad_right = grad_scores.mT @ terms.left.view(problems, blocks, 2 * block, head_dim)
     grad_right = grad_right.view_as(terms.right)

@@ -8,8 +8,9 @@ config.json names one:
 - a Hub repository pinned to one commit: `trust_hub_kernel(repo_id, revision)`, or the ``RWKV7_HUB_KERNEL``
   environment variable ``"<repo_id>@<commit>"``. The variant for this machine is downloaded at that commit
   (`kernels.install_kernel`), its files are checked against the SHA-256 digest of its metadata.json (kernels-data's
-  `Digest`; a mismatch refuses it) and only then imported. `FlaWKVRepository` fetches kernels-community/fla the
-  same way, for `kernels.kernelize`.
+  `Digest`, which must be installed before anything is downloaded; a mismatch refuses it) and only then imported. A
+  build whose metadata.json has no digest is refused unless the user passes `allow_unverified=True`.
+  `FlaWKVRepository` fetches kernels-community/fla the same way, for `kernels.kernelize`.
 
 A checkpoint's `config.kernel_repo` is a hint and nothing more: it is ignored, with a warning, unless it is the
 repository the user trusted. Without a chosen source, CUDA users get the chunked PyTorch form.
@@ -39,10 +40,12 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class HubKernel(NamedTuple):
-    """A kernel-hub repository pinned to a full commit hash."""
+    """A kernel-hub repository pinned to a full commit hash; `allow_unverified`: also import a build whose
+    metadata.json has no digest (the commit pin alone vouches for its files)."""
 
     repo_id: str
     revision: str
+    allow_unverified: bool = False
 
 
 _trusted: Optional[HubKernel] = None
@@ -50,11 +53,12 @@ _loaded: dict[tuple, tuple[Optional[ModuleType], Optional[str]]] = {}
 _reported: set[str] = set()
 
 
-def trust_hub_kernel(repo_id: str, revision: str) -> HubKernel:
+def trust_hub_kernel(repo_id: str, revision: str, allow_unverified: bool = False) -> HubKernel:
     """Opt in to running the compiled WKV kernel of `repo_id` at commit `revision` (40 hexadecimal digits) from the
-    Hugging Face Hub, for this process; it is fetched on the first CUDA forward pass that wants it."""
+    Hugging Face Hub, for this process; it is fetched on the first CUDA forward pass that wants it. A build whose
+    metadata.json has no digest is refused unless `allow_unverified=True`."""
     global _trusted
-    _trusted = _hub_kernel(repo_id, revision, source="trust_hub_kernel")
+    _trusted = _hub_kernel(repo_id, revision, source="trust_hub_kernel", allow_unverified=allow_unverified)
     _loaded.clear()
     return _trusted
 
@@ -72,15 +76,18 @@ def trusted_hub_kernel() -> Optional[HubKernel]:
     return _hub_kernel(repo_id, revision, source=HUB_KERNEL_ENV)
 
 
-def _hub_kernel(repo_id: str, revision: str, source: str) -> HubKernel:
+def _hub_kernel(repo_id: str, revision: str, source: str, allow_unverified: bool = False) -> HubKernel:
     if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
         raise ValueError(f"{source}: repo_id {repo_id!r} is not a Hub repository id '<owner>/<name>'.")
     if not isinstance(revision, str) or not _COMMIT.fullmatch(revision.lower()):
         raise ValueError(
-            f"{source}: revision {revision!r} of {repo_id} is not a full commit hash (40 hexadecimal digits); a branch "
+            f"{source}: revision {revision!r} of {repo_id} is not a full commit hash (40 hexadecimal digits); "
+            "a branch "
             "or tag can move, so the Hub kernel is pinned to a commit."
         )
-    return HubKernel(repo_id, revision.lower())
+    if not isinstance(allow_unverified, bool):
+        raise ValueError(f"{source}: allow_unverified must be True or False, got {allow_unverified!r}.")
+    return HubKernel(repo_id, revision.lower(), allow_unverified)
 
 
 def load_wkv_kernel(
@@ -118,12 +125,9 @@ def _load(repo_id: Optional[str], path: Optional[Path], hub: Optional[HubKernel]
         if not path.exists():
             return None, f"kernel path {path} does not exist"
         try:
-            module = kernels.get_local_kernel(path)
+            module = kernels.get_local_kernel(path)  # which also checks that the build supports this device
         except Exception as error:
             return None, f"loading the kernel from {path} failed: {_one_line(error)}"
-        mismatch = _arch_mismatch(module)  # get_kernel checks this itself, get_local_kernel does not
-        if mismatch:
-            return None, f"the kernel from {path} {mismatch}"
         return _with_api(module, str(path))
 
     if hub is None:
@@ -134,17 +138,16 @@ def _load(repo_id: Optional[str], path: Optional[Path], hub: Optional[HubKernel]
             f"{hint}"
         )
     if repo_id and repo_id != hub.repo_id:
-        _report(f"RWKV-7 WKV: the checkpoint's kernel_repo {repo_id!r} is ignored; the trusted Hub kernel is "
-                f"{hub.repo_id}@{hub.revision}")
+        _report(
+            f"RWKV-7 WKV: the checkpoint's kernel_repo {repo_id!r} is ignored; the trusted Hub kernel is "
+            f"{hub.repo_id}@{hub.revision}"
+        )
     if not torch.cuda.is_available():
         return None, f"no CUDA device for the Hub kernel {hub.repo_id} (a local build: {KERNEL_PATH_ENV})"
     try:
         module = fetch_pinned_kernel(hub)
     except RuntimeError as error:
         return None, str(error)
-    mismatch = _arch_mismatch(module)
-    if mismatch:
-        return None, f"the kernel {hub.repo_id}@{hub.revision} {mismatch}"
     return _with_api(module, f"{hub.repo_id}@{hub.revision}")
 
 
@@ -155,11 +158,21 @@ def fetch_pinned_kernel(hub: HubKernel) -> ModuleType:
 
     source = f"{hub.repo_id}@{hub.revision}"
     try:
-        variant = Path(kernels.install_kernel(hub.repo_id, revision=hub.revision, trust_remote_code=[hub.repo_id],
-                                              local_files_only=_hub_offline()))
+        import kernels_data  # noqa: F401  (checks the download; without it nothing is fetched)
+    except ImportError as error:
+        raise RuntimeError(
+            f"{source} is not fetched: kernels-data, which checks a Hub kernel's files against the digest in its "
+            f"metadata.json, cannot be imported ({error}). Install it with `pip install kernels-data`."
+        ) from error
+    try:
+        variant = Path(
+            kernels.install_kernel(
+                hub.repo_id, revision=hub.revision, trust_remote_code=[hub.repo_id], local_files_only=_hub_offline()
+            )
+        )
     except Exception as error:
         raise RuntimeError(f"fetching {source} failed: {_one_line(error)}") from error
-    problem = _digest_problem(variant)
+    problem = _digest_problem(variant, hub.allow_unverified)
     if problem:
         raise RuntimeError(f"the variant {variant.name} of {source} is not loaded: {problem}")
     try:
@@ -175,38 +188,30 @@ def _with_api(module: ModuleType, source: str):
     return module, None
 
 
-def _digest_problem(variant_dir: Path) -> Optional[str]:
-    """Why the files of a downloaded variant do not match the digest in its metadata.json, or None."""
-    try:
-        from kernels_data import Digest, DigestValidationError, Metadata
-    except ImportError:
-        return "kernels-data, which checks the files against metadata.json's digest, is not installed"
+def _digest_problem(variant_dir: Path, allow_unverified: bool) -> Optional[str]:
+    """Why the files of a downloaded variant do not match the digest in its metadata.json, or None. A variant
+    without a digest is refused unless `allow_unverified`."""
+    from kernels_data import Digest, DigestValidationError, Metadata
+
     try:
         metadata = Metadata.read_from_file(variant_dir / "metadata.json")
     except ValueError as error:
         return f"its metadata.json cannot be read ({_one_line(error)})"
-    if metadata.digest is None:  # builds of older kernel-builder releases: the commit pin alone holds
-        _report(f"RWKV-7 WKV: {variant_dir.name} has no digest in its metadata.json; its files are not checked")
+    if metadata.digest is None:  # builds of older kernel-builder releases
+        if not allow_unverified:
+            return (
+                "its metadata.json has no digest to check its files against; to run it on the commit pin alone, "
+                "opt in with trust_hub_kernel(repo_id, revision, allow_unverified=True)"
+            )
+        _report(
+            f"RWKV-7 WKV: {variant_dir.name} has no digest in its metadata.json; its files are not checked "
+            "(allow_unverified=True)"
+        )
         return None
     try:
         metadata.digest.validate(Digest.hash_variant(metadata.digest.algorithm, variant_dir))
     except DigestValidationError as error:
         return f"its files do not match metadata.json's digest: {'; '.join(map(str, error.violations))}"
-    return None
-
-
-def _arch_mismatch(module: ModuleType) -> Optional[str]:
-    """Why a CUDA build cannot run on this GPU, or None (`kernels`' own check of metadata.json's archs, +PTX
-    included)."""
-    from kernels import Metadata
-    from kernels.validate import ArchValidator
-
-    variant_dir = Path(module.__file__).parent
-    try:
-        ArchValidator().validate_metadata(metadata=Metadata.read_from_file(variant_dir / "metadata.json"),
-                                          variant=variant_dir.name)
-    except RuntimeError as error:
-        return f"does not support this GPU: {_one_line(error)}"
     return None
 
 
@@ -233,8 +238,8 @@ class FlaWKVRepository:
 
     layer_name = "RWKV7WKV"
 
-    def __init__(self, revision: str, repo_id: str = "kernels-community/fla"):
-        self.kernel = _hub_kernel(repo_id, revision, source="FlaWKVRepository")
+    def __init__(self, revision: str, repo_id: str = "kernels-community/fla", allow_unverified: bool = False):
+        self.kernel = _hub_kernel(repo_id, revision, source="FlaWKVRepository", allow_unverified=allow_unverified)
 
     def load(self) -> type:
         import importlib
@@ -263,12 +268,73 @@ def fla_wkv_layer(chunk_rwkv7) -> type:
 
         def forward(self, r, log_decay, k, v, a, b, initial_state=None, reset=None):
             if reset is not None:
-                raise ValueError("fla's chunk_rwkv7 takes no reset mask; run packed sequences (reset) through this "
-                                 "package's own WKV (kernelize without the fla mapping).")
+                raise ValueError(
+                    "fla's chunk_rwkv7 takes no reset mask; run packed sequences (reset) through this "
+                    "package's own WKV (kernelize without the fla mapping)."
+                )
             if initial_state is not None:
                 initial_state = initial_state.float().transpose(-1, -2)  # [batch, heads, key, value]
-            y, final_state = chunk_rwkv7(r, log_decay.to(r.dtype), k, v, a, b, scale=1.0, initial_state=initial_state,
-                                         output_final_state=True)
+            y, final_state = chunk_rwkv7(
+                r, log_decay.to(r.dtype), k, v, a, b, scale=1.0, initial_state=initial_state, output_final_state=True
+            )
             return y, final_state.float().transpose(-1, -2).contiguous()
 
     return RWKV7WKV
+
+
+LAYER_NAME = "RWKV7WKV"  # the WKV operator's hub layer (`wkv.RWKV7WKV`), the model's only one
+_KERNEL_CONFIG_FORMS = (
+    f'KernelConfig({{"{LAYER_NAME}": "/path/to/rwkv7_wkv:{LAYER_NAME}"}}, use_local_kernel=True) for a local build, '
+    f'or KernelConfig({{"{LAYER_NAME}": ("<owner>/<name>:{LAYER_NAME}", {{"revision": "<40-digit commit>", '
+    '"trust_remote_code": True})}) for a Hub repository'
+)
+
+
+def kernel_config_repository(kernel_config):
+    """The `kernels` layer repository that transformers' `KernelConfig` maps the WKV layer to: a `LocalLayerRepository`
+    for a local build (``use_local_kernel=True``), or a `LayerRepository` pinned to a full commit hash. Creating it
+    fetches nothing. Raises ValueError for another layer name, a Hub entry without a commit `revision` (a bare string
+    or a `version` resolves to whatever is newest), or an entry of another form; transformers' own form of a checked
+    mapping (an entry with its metadata, after `from_pretrained` read it) is accepted too."""
+    from transformers import KernelConfig
+
+    import kernels
+
+    if not isinstance(kernel_config, KernelConfig):
+        raise ValueError(f"kernel_config must be a transformers KernelConfig, got {type(kernel_config).__name__}.")
+    mapping = kernel_config.kernel_mapping
+    if not isinstance(mapping, dict) or list(mapping) != [LAYER_NAME]:
+        raise ValueError(
+            f"kernel_config maps {list(mapping) if isinstance(mapping, dict) else mapping!r}; RWKV-7 has "
+            f"one hub layer, {LAYER_NAME!r}: map only it, e.g. {_KERNEL_CONFIG_FORMS}."
+        )
+    entry = mapping[LAYER_NAME]
+    if isinstance(entry, dict) and len(entry) == 1:  # {device: entry}
+        (entry,) = entry.values()
+    source, metadata = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, {})
+    if not isinstance(source, str) or not isinstance(metadata, dict) or source.rpartition(":")[2] != LAYER_NAME:
+        raise ValueError(
+            f"kernel_config[{LAYER_NAME!r}] = {entry!r} is not one source of the layer {LAYER_NAME!r}; "
+            f"use {_KERNEL_CONFIG_FORMS}."
+        )
+    location = source.rpartition(":")[0]
+    if kernel_config.use_local_kernel:
+        return kernels.LocalLayerRepository(Path(location), layer_name=LAYER_NAME)
+    if not _REPO_ID.fullmatch(location):
+        raise ValueError(
+            f"kernel_config[{LAYER_NAME!r}]: {location!r} is not a Hub repository id '<owner>/<name>'; "
+            "a local build needs KernelConfig(..., use_local_kernel=True)."
+        )
+    if metadata.get("version") is not None or not isinstance(metadata.get("revision"), str):
+        raise ValueError(
+            f"kernel_config[{LAYER_NAME!r}] = {entry!r} does not pin {location} to a commit: a bare repository or a "
+            f"`version` is resolved to its newest build when loading. Pin it: ('{source}', {{\"revision\": "
+            '"<40-digit commit>", "trust_remote_code": True}).'
+        )
+    hub = _hub_kernel(location, metadata["revision"], source=f"kernel_config[{LAYER_NAME!r}]")
+    return kernels.LayerRepository(
+        hub.repo_id,
+        layer_name=LAYER_NAME,
+        revision=hub.revision,
+        trust_remote_code=metadata.get("trust_remote_code", False),
+    )

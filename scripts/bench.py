@@ -5,10 +5,13 @@ Model: the RWKV-7 0.1B shape (12 layers, hidden 768, vocab 65536) with random we
 (ms/token after a 16-token prompt), training forward+backward 2x256 with labels (tokens/s, peak RSS).
 Variants of ours (`--dtypes`): fp32; bf16 (bfloat16 weights and activations, float32 recurrent state); int8
 (torchao `Int8WeightOnlyConfig` on every projection, the vocabulary head included, bfloat16 activations; loaded
-with `from_pretrained(..., quantization_config=TorchAoConfig(...))`; no training). `--compiled` adds, for decoding,
-each dtype through `compile_decode_step` (torch.compile; compiled during the warm-up); `--native` adds each dtype
-through `native_decode_step` with the CPU build of kernels/rwkv7_wkv (built from this checkout by
-scripts/build_kernel.py). The peers run fp32.
+with `from_pretrained(..., quantization_config=TorchAoConfig(...))`; no training). Each is a plain
+`from_pretrained` model called as users call it: its decoding steps take the default path (the package's native CPU
+decoding ops, `dispatch_rwkv7`). `--eager` adds, for decoding, each dtype with the eager modules forced
+(`implementation={"decode": "eager"}`); `--compiled` each dtype through `compile_decode_step` (torch.compile;
+compiled during the warm-up). The peers run fp32. `decode_b32` decodes 32 rows at once (aggregate tokens/s against
+the matmul floor; ours only), `first_call` is the extra time of a fresh process's first generate() over its second
+(16-token prompt, 8 new tokens, decisions stored on this machine by the earlier cases).
 
 Each case runs in its own process (so peak RSS is per case): one warm-up, then `--reps` timed runs. The variants
 take turns: `--rounds` rounds, each running every variant once, so that a slow spell hits them alike; the median
@@ -23,7 +26,7 @@ our model chose on this machine. `--quality` adds the accuracy of bf16 and int8 
 logit error against fp32, held-out perplexity (data/shakespeare/validation.jsonl), greedy generation of 32 tokens.
 
     pip install -e ".[bench]"
-    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8] [--compiled] [--native] [--quality]
+    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8] [--compiled] [--eager] [--quality]
                             [--peers ours,rwkv7_hf,rwkv_pip] [--cases ...]
     python scripts/bench.py --smoke          # 1 round, 1 run, fewer tokens: checks that everything runs
 """
@@ -44,17 +47,26 @@ HELD_OUT = os.path.join(REPO, "data", "shakespeare", "validation.jsonl")
 PEERS = ("ours", "rwkv7_hf", "rwkv_pip")
 DTYPES = ("fp32", "bf16", "int8")
 COMPILED = "+compiled"  # a dtype suffix: ours decoding through modeling_rwkv7.decode_rwkv7.compile_decode_step
-NATIVE = "+native"  # a dtype suffix: ours decoding through native_decode_step and the CPU build of kernels/rwkv7_wkv
-DECODE_PATHS = (COMPILED, NATIVE)
-KERNEL_DIR = os.path.join(REPO, "kernels", "rwkv7_wkv")
+EAGER = "+eager"  # a dtype suffix: ours decoding through its eager modules (implementation={"decode": "eager"})
+DECODE_PATHS = (COMPILED, EAGER)
 CASES = {
     "prefill_1x512": dict(kind="prefill", batch=1, seq=512, last_only=False),
     "prefill_1x512_last": dict(kind="prefill", batch=1, seq=512, last_only=True),
     "prefill_4x512": dict(kind="prefill", batch=4, seq=512, last_only=False),
-    "decode_b1": dict(kind="decode", prompt=16, new=64),
+    "decode_b1": dict(kind="decode", batch=1, prompt=16, new=64),
+    "decode_b32": dict(kind="decode", batch=32, prompt=16, new=16),
     "train_2x256": dict(kind="train", batch=2, seq=256),
+    "first_call": dict(kind="first_call", batch=1, prompt=16, new=8),
 }
-UNSUPPORTED = {("rwkv_pip", "fp32", "train_2x256"), ("ours", "int8", "train_2x256")}  # no training path
+# no training path, no batch (`rwkv`), a batch too slow to time (rwkv7-hf: 0.3 s a token at batch 1), ours only
+UNSUPPORTED = {
+    ("rwkv_pip", "fp32", "train_2x256"),
+    ("ours", "int8", "train_2x256"),
+    ("rwkv_pip", "fp32", "decode_b32"),
+    ("rwkv7_hf", "fp32", "decode_b32"),
+    ("rwkv_pip", "fp32", "first_call"),
+    ("rwkv7_hf", "fp32", "first_call"),
+}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 THREADS = 2
 
@@ -69,9 +81,7 @@ def machine() -> dict:
     info = {"cpu": "unknown", "family": None, "model": None, "flags": [], "cores": os.cpu_count(), "threads": THREADS}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            fields = dict(
-                line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line
-            )
+            fields = dict(line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line)
         fields = {key.strip(): value.strip() for key, value in fields.items()}
         info.update(cpu=fields.get("model name"), family=fields.get("cpu family"), model=fields.get("model"))
         info["flags"] = [flag for flag in ISA_FLAGS if flag in fields.get("flags", "").split()]
@@ -130,7 +140,7 @@ def prepare_weights(workdir: str) -> dict:
     import torch
 
     from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
-    from modeling_rwkv7.convert_rwkv7 import hf_to_official
+    from modeling_rwkv7.conversion_mapping_rwkv7 import hf_to_official
 
     torch.manual_seed(0)
     model = RWKV7ForCausalLM(RWKV7Config.from_json_file(PRESET)).eval()
@@ -142,8 +152,17 @@ def prepare_weights(workdir: str) -> dict:
     model.save_pretrained(paths["ours"])
     torch.save(hf_to_official(model.state_dict()), paths["rwkv_pip"] + ".pth")
     subprocess.run(
-        [sys.executable, "-c", "import sys; from rwkv7_hf.converter import main; main(sys.argv[1:])",
-         "--input", paths["rwkv_pip"] + ".pth", "--output", paths["rwkv7_hf"], "--precision", "fp32"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from rwkv7_hf.converter import main; main(sys.argv[1:])",
+            "--input",
+            paths["rwkv_pip"] + ".pth",
+            "--output",
+            paths["rwkv7_hf"],
+            "--precision",
+            "fp32",
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -151,7 +170,7 @@ def prepare_weights(workdir: str) -> dict:
     return paths
 
 
-def load_ours(path: str, dtype: str):
+def load_ours(path: str, dtype: str, **kwargs):
     """Our RWKV7ForCausalLM from `path` in one of DTYPES (int8: torchao weight-only on every projection)."""
     import torch
 
@@ -163,8 +182,10 @@ def load_ours(path: str, dtype: str):
         from transformers import TorchAoConfig
 
         quantization = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[])  # the head too
-        return RWKV7ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
-    return RWKV7ForCausalLM.from_pretrained(path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        return RWKV7ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization, **kwargs)
+    return RWKV7ForCausalLM.from_pretrained(
+        path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], **kwargs
+    )
 
 
 # --- one case in one process ---------------------------------------------------------------------------------
@@ -179,14 +200,15 @@ def peak_rss_mb() -> float:
 
 
 def base_dtype(variant: str) -> str:
-    """fp32 / bf16 / int8 of a variant of ours ("bf16+native" -> "bf16")."""
+    """fp32 / bf16 / int8 of a variant of ours ("bf16+eager" -> "bf16")."""
     for suffix in DECODE_PATHS:
         variant = variant.removesuffix(suffix)
     return variant
 
 
-def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens: int, load_limit: float,
-             retries: int) -> dict:
+def run_case(
+    peer: str, dtype: str, case: str, path: str, reps: int, new_tokens: int, load_limit: float, retries: int
+) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -220,7 +242,8 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
 
     else:
         if peer == "ours":
-            model = load_ours(path, base_dtype(dtype))
+            eager = {"implementation": {"decode": "eager"}} if dtype.endswith(EAGER) else {}
+            model = load_ours(path, base_dtype(dtype), **eager)
         else:
             from rwkv7_hf import RWKV7ForCausalLM
 
@@ -234,30 +257,21 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
                 with torch.inference_mode():
                     model(ids, use_cache=False, **keep)
 
+        elif spec["kind"] == "first_call":
+            return {"peer": peer, "dtype": dtype, "case": case, **_first_call(model, tokens(1, spec["prompt"]), spec)}
         elif spec["kind"] == "decode":
-            prompt, new = tokens(1, spec["prompt"]), tokens(1, spec["new"])
+            prompt, new = tokens(spec["batch"], spec["prompt"]), tokens(spec["batch"], spec["new"])
             decode = model
             if dtype.endswith(COMPILED):  # compiled in the warm-up run, which is not timed
                 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
 
-                decode = compile_decode_step(model, batch_size=1)
-            elif dtype.endswith(NATIVE):  # the kernel built by main() from this repository
-                from pathlib import Path
-
-                from modeling_rwkv7.decode_rwkv7 import native_decode_step
-                from modeling_rwkv7.wkv_kernel import load_wkv_kernel
-
-                kernel = load_wkv_kernel(None, Path(KERNEL_DIR), required=True)
-                native_step = native_decode_step(model, kernel)
-
-                def decode(input_ids, past_key_values, use_cache):
-                    return native_step(input_ids, past_key_values=past_key_values)
+                decode = compile_decode_step(model, batch_size=spec["batch"])
 
             def step():
                 with torch.inference_mode():
-                    cache = model(prompt, use_cache=True).past_key_values
+                    cache = model(prompt, use_cache=True).cache
                     for t in range(new.shape[1]):
-                        cache = decode(new[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+                        cache = decode(new[:, t : t + 1], cache=cache, use_cache=True).cache
 
         else:
             ids = tokens(spec["batch"], spec["seq"])
@@ -272,20 +286,52 @@ def run_case(peer: str, dtype: str, case: str, path: str, reps: int, new_tokens:
         prompt_time = statistics.median(prompt_times)
         times = [(t - prompt_time) / spec["new"] for t in times]
     result = {
-        "peer": peer, "dtype": dtype, "case": case, "times": times, "other_cores": loads,
-        "median": statistics.median(times), "peak_rss_mb": peak_rss_mb(),
+        "peer": peer,
+        "dtype": dtype,
+        "case": case,
+        "times": times,
+        "other_cores": loads,
+        "median": statistics.median(times),
+        "peak_rss_mb": peak_rss_mb(),
     }
     if peer == "ours":
         result["paths"] = chosen_paths()
-        if dtype.endswith(NATIVE):
-            result["paths"]["native_vector_bits"] = kernel.decode_vector_bits()
+        native = _loaded_native_ops()
+        if native is not None:
+            result["paths"]["native_vector_bits"] = native.decode_vector_bits()
     return result
+
+
+def _first_call(model, prompt, spec) -> dict:
+    """A fresh process's first generate() and its second: their seconds (this is the first case of the process)."""
+    import torch
+
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=spec["new"], do_sample=False)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "times": [seconds[0] - seconds[1]],
+        "other_cores": [0.0],
+        "median": seconds[0] - seconds[1],
+        "first_s": seconds[0],
+        "second_s": seconds[1],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _loaded_native_ops():
+    from modeling_rwkv7 import dispatch_rwkv7
+
+    return dispatch_rwkv7._native["module"]
 
 
 def _prefill_only(peer, model, spec, tokens):
     import torch
 
-    prompt = tokens(1, spec["prompt"])
+    prompt = tokens(spec["batch"], spec["prompt"])
     if peer == "rwkv_pip":
         model.forward(prompt[0].tolist(), None)
     else:
@@ -300,14 +346,27 @@ def chosen_paths() -> dict:
 
     return {
         "wkv": [
-            {"batch_x_heads": key[0], "head_dim": key[1], "dtype": str(key[2]).replace("torch.", ""),
-             "grad": key[3], "chunk_size": choice.chunk_size, "chunked_min_seq_len": choice.chunked_min_seq_len}
+            {
+                "batch_x_heads": key[0],
+                "head_dim": key[1],
+                "dtype": str(key[2]).replace("torch.", ""),
+                "grad": key[3],
+                "chunk_size": choice.chunk_size,
+                "chunked_min_seq_len": choice.chunked_min_seq_len,
+            }
             for key, choice in wkv.wkv_choices.items()
         ],
         "few_row_products": [
-            {"out": key[0], "in": key[1], "dtype": str(key[2]).replace("torch.", ""), "rows": key[3],
-             "compiled": key[4], "product": choice.product, "us": {name: s * 1e6 for name, s in choice.seconds.items()},
-             "other_cpu_s": choice.other_cpu_seconds}
+            {
+                "out": key[0],
+                "in": key[1],
+                "dtype": str(key[2]).replace("torch.", ""),
+                "rows": key[3],
+                "compiled": key[4],
+                "product": choice.product,
+                "us": {name: s * 1e6 for name, s in choice.seconds.items()},
+                "other_cpu_s": choice.other_cpu_seconds,
+            }
             for key, choice in linear_rwkv7.few_row_choices.items()
         ],
     }
@@ -361,7 +420,9 @@ def run_quality(max_tokens: int) -> dict:
         with torch.inference_mode():
             nll = sum(model(row, labels=row).loss.item() * (row.shape[1] - 1) for row in rows)
             logits = model(rows[0][:, :512]).logits[0].float()
-            generated = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, prompt.shape[1] :]
+            generated = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[
+                0, prompt.shape[1] :
+            ]
         entry = {"perplexity": math.exp(nll / total), "tokens": total, "greedy": generated.tolist()}
         if reference is None:
             reference = {"logits": logits, "greedy": generated}
@@ -420,6 +481,9 @@ def floors(ceilings: dict) -> dict:
             "prefill_1x512_last": 2 * ((matmul_params - head) * 512 + head) / rate,
             "prefill_4x512": 2 * matmul_params * 2048 / rate,
             "decode_b1": decode_bytes / (ceilings["copy_gbs"] * 1e9),
+            # 32 rows a step: the matmuls at the GEMM rate (or the bytes, where those take longer)
+            "decode_b32": max(2 * matmul_params * 32 / rate, decode_bytes / (ceilings["copy_gbs"] * 1e9)),
+            "first_call": math.nan,
             "train_2x256": 3 * 2 * matmul_params * 512 / rate,
         }
     return table
@@ -427,6 +491,10 @@ def floors(ceilings: dict) -> dict:
 
 def throughput(case: str, seconds: float) -> str:
     spec = CASES[case]
+    if spec["kind"] == "first_call":
+        return f"+{seconds * 1000:.0f} ms"
+    if spec["kind"] == "decode" and spec["batch"] > 1:
+        return f"{spec['batch'] / seconds:.1f} tok/s"
     if spec["kind"] == "decode":
         return f"{seconds * 1000:.1f} ms/tok"
     return f"{spec['batch'] * spec['seq'] / seconds:.1f} tok/s"
@@ -446,7 +514,8 @@ def print_paths(results: dict) -> None:
         if "native_vector_bits" in paths:
             native.add(paths["native_vector_bits"])
         wkv.update(
-            f"  {c['batch_x_heads']:2d} batch x heads of {c['head_dim']}, {c['dtype']}, {'with' if c['grad'] else 'no'} "
+            f"  {c['batch_x_heads']:2d} batch x heads of {c['head_dim']}, {c['dtype']}, "
+            f"{'with' if c['grad'] else 'no'} "
             f"grad: chunks of {c['chunk_size']}, chunked from {c['chunked_min_seq_len']} tokens"
             for c in paths["wkv"]
         )
@@ -463,12 +532,12 @@ def print_paths(results: dict) -> None:
             )
     if not lines and not wkv:
         return
-    print("\nour WKV decisions, measured per process:")
+    print("\nour WKV decisions, measured once per machine:")
     print("\n".join(sorted(wkv)))
-    print("few-row products (decode), measured per process:")
+    print("few-row products (prompts of <= 16 rows, eager decoding), measured once per machine:")
     print("\n".join(sorted(lines)))
     if native:
-        print(f"native decode step (kernels/rwkv7_wkv CPU build): {', '.join(map(str, sorted(native)))}-bit vector loops")
+        print(f"native decoding ops (the package's CPU build): {', '.join(map(str, sorted(native)))}-bit vector loops")
 
 
 def main():
@@ -478,11 +547,12 @@ def main():
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="variants of ours: fp32, bf16, int8")
     parser.add_argument("--compiled", action="store_true", help="also decode with each dtype through torch.compile")
-    parser.add_argument("--native", action="store_true",
-                        help="also decode with each dtype through the native CPU step (builds kernels/rwkv7_wkv's CPU variant)")
+    parser.add_argument("--eager", action="store_true", help="also decode with each dtype through the eager modules")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per decode run")
-    parser.add_argument("--load-limit", type=float, default=0.1, help="other processes' cores above which a run is retaken")
+    parser.add_argument(
+        "--load-limit", type=float, default=0.1, help="other processes' cores above which a run is retaken"
+    )
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--quality", action="store_true", help="also bf16/int8 accuracy on the default model")
     parser.add_argument("--smoke", action="store_true", help="1 round, 1 run, 8 decoded tokens: a quick check")
@@ -501,17 +571,25 @@ def main():
         args.rounds, args.reps, args.new_tokens = 1, 1, 8
 
     peers, cases = args.peers.split(","), args.cases.split(",")
-    for name, values, known in (("--peers", peers, PEERS), ("--dtypes", args.dtypes.split(","), DTYPES),
-                                ("--cases", cases, CASES)):
+    for name, values, known in (
+        ("--peers", peers, PEERS),
+        ("--dtypes", args.dtypes.split(","), DTYPES),
+        ("--cases", cases, CASES),
+    ):
         unknown = [value for value in values if value not in known]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; expected some of {list(known)}")
     ours_dtypes = args.dtypes.split(",")
-    ours_dtypes += [dtype + suffix for suffix, wanted in ((COMPILED, args.compiled), (NATIVE, args.native))
-                    if wanted for dtype in args.dtypes.split(",")]
-    if args.native:  # the CPU build of the kernel, from this checkout (up to date: nothing is rebuilt)
-        subprocess.run([sys.executable, os.path.join(REPO, "scripts", "build_kernel.py")], check=True,
-                       stdout=subprocess.DEVNULL)
+    ours_dtypes += [
+        dtype + suffix
+        for suffix, wanted in ((COMPILED, args.compiled), (EAGER, args.eager))
+        if wanted
+        for dtype in args.dtypes.split(",")
+    ]
+    # the package's native CPU decoding ops, which the default path loads (built once per machine)
+    subprocess.run(
+        [sys.executable, "-m", "modeling_rwkv7.kernel_build", "--native"], check=True, stdout=subprocess.DEVNULL
+    )
     variants = [(peer, dtype) for peer in peers for dtype in (ours_dtypes if peer == "ours" else ["fp32"])]
     paths = prepare_weights(args.workdir)
     load = {"load_limit": args.load_limit, "retries": args.retries}
@@ -530,8 +608,10 @@ def main():
     info = ceilings["machine"]
     print(
         f"machine: {info['cpu']} (family {info['family']} model {info['model']}), {info['cores']} cores, "
-        f"{THREADS} threads; flags {' '.join(info['flags']) or '-'}; torch {info['torch']} ({info['torch_cpu_capability']})\n"
-        f"         fp32 matmul {ceilings['matmul_gflops']:.1f} GFLOP/s, bf16 matmul {ceilings['bf16_matmul_gflops']:.1f} "
+        f"{THREADS} threads; flags {' '.join(info['flags']) or '-'}; "
+        f"torch {info['torch']} ({info['torch_cpu_capability']})\n"
+        f"         fp32 matmul {ceilings['matmul_gflops']:.1f} GFLOP/s, "
+        f"bf16 matmul {ceilings['bf16_matmul_gflops']:.1f} "
         f"GFLOP/s, copy {ceilings['copy_gbs']:.1f} GB/s",
         flush=True,
     )
@@ -540,11 +620,27 @@ def main():
     for case in cases:
         for round_index in range(args.rounds):
             for peer, dtype in variants:
-                if (peer, dtype, case) in UNSUPPORTED or (dtype != base_dtype(dtype) and CASES[case]["kind"] != "decode"):
+                if (peer, dtype, case) in UNSUPPORTED or (
+                    dtype != base_dtype(dtype) and CASES[case]["kind"] != "decode"
+                ):
                     continue
-                print(f"round {round_index + 1}/{args.rounds}: {label(peer, dtype):20s} {case} ...", file=sys.stderr, flush=True)
-                run = worker({"job": "case", "peer": peer, "dtype": dtype, "case": case, "path": paths[peer],
-                              "reps": args.reps, "new_tokens": args.new_tokens, **load})
+                print(
+                    f"round {round_index + 1}/{args.rounds}: {label(peer, dtype):20s} {case} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                run = worker(
+                    {
+                        "job": "case",
+                        "peer": peer,
+                        "dtype": dtype,
+                        "case": case,
+                        "path": paths[peer],
+                        "reps": args.reps,
+                        "new_tokens": args.new_tokens,
+                        **load,
+                    }
+                )
                 pooled = results.setdefault(
                     (case, peer, dtype),
                     {"peer": peer, "dtype": dtype, "case": case, "times": [], "other_cores": [], "peak_rss_mb": 0.0},
@@ -587,7 +683,8 @@ def main():
             if "logit_max_abs_error" in entry:
                 extra = (
                     f", logits vs fp32: max abs {entry['logit_max_abs_error']:.4f}, RMS relative "
-                    f"{entry['logit_rms_relative_error']:.4f}; greedy: first {entry['greedy_same_tokens']}/32 tokens as fp32"
+                    f"{entry['logit_rms_relative_error']:.4f}; "
+                    f"greedy: first {entry['greedy_same_tokens']}/32 tokens as fp32"
                 )
             print(f"  {dtype:5s} perplexity {entry['perplexity']:.2f} over {entry['tokens']} tokens{extra}")
         if "greedy_top2_margins" in quality["fp32"]:

@@ -74,8 +74,10 @@ def main():
     for chunk_size in map(int, args.chunk_sizes.split(",")):
         ops.append((f"chunked, chunk {chunk_size}", lambda *x, c=chunk_size: wkv7_chunked(*x, chunk_size=c)))
 
-    print(f"WKV-7 op, {NUM_HEADS} heads x {HEAD_DIM}, seq_len {SEQ_LEN}, float32, {args.threads} threads, "
-          f"median of {args.reps} (ms; CPU ms of all threads in brackets)")
+    print(
+        f"WKV-7 op, {NUM_HEADS} heads x {HEAD_DIM}, seq_len {SEQ_LEN}, float32, {args.threads} threads, "
+        f"median of {args.reps} (ms; CPU ms of all threads in brackets)"
+    )
     print(f"{'op':<20} {'batch':>5} {'forward':>18} {'forward+backward':>20} {'speedup fwd / f+b':>19}")
     for batch_size in map(int, args.batch_sizes.split(",")):
         inputs = random_inputs(batch_size, seed=batch_size)

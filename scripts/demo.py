@@ -28,7 +28,9 @@ def load_language_model(name: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or preset name (default: the shipped tiny model)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model folder or preset name (default: the shipped tiny model)"
+    )
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     args = parser.parse_args()
@@ -38,7 +40,8 @@ def main():
     config = model.config
     print(f"modeling_rwkv7: RWKV-7 ({origin})")
     print(
-        f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads of {config.head_dim}, "
+        f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_heads} heads of {config.head_dim}, "
         f"vocab {config.vocab_size}: {config.param_count():,} parameters"
     )
 
@@ -48,15 +51,24 @@ def main():
         start = time.perf_counter()
         out = model(**inputs, use_cache=True)
         elapsed = time.perf_counter() - start
-    cache = out.past_key_values
-    print(f"\nforward pass: {inputs['input_ids'].shape[1]} tokens -> logits {tuple(out.logits.shape)} in {elapsed * 1000:.1f} ms")
-    print(f"  recurrent state: {len(cache.layers)} layers x (wkv {tuple(cache.layers[0].recurrent_state.shape)} fp32 + 2 shift vectors) = {cache.nbytes / 1024:.0f} KiB, whatever the length")
+    cache = out.cache
+    print(
+        f"\nforward pass: {inputs['input_ids'].shape[1]} tokens -> logits {tuple(out.logits.shape)} "
+        f"in {elapsed * 1000:.1f} ms"
+    )
+    print(
+        f"  recurrent state: {len(cache.layers)} layers x (wkv {tuple(cache.layers[0].recurrent_state.shape)} fp32 "
+        f"+ 2 shift vectors) = {cache.nbytes / 1024:.0f} KiB, whatever the length"
+    )
 
     start = time.perf_counter()
     generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, repetition_penalty=1.2)
     elapsed = time.perf_counter() - start
     new_tokens = generated.shape[1] - inputs["input_ids"].shape[1]
-    print(f"\ngreedy generation, {new_tokens} new tokens in {elapsed:.2f} s ({elapsed / max(new_tokens, 1) * 1000:.1f} ms/token):")
+    print(
+        f"\ngreedy generation, {new_tokens} new tokens in {elapsed:.2f} s "
+        f"({elapsed / max(new_tokens, 1) * 1000:.1f} ms/token):"
+    )
     print("  " + tokenizer.decode(generated[0], skip_special_tokens=True).replace("\n", "\n  "))
 
     # the Edifice seed's use case: continuous features [batch, seq, 287] -> [batch, 256]
@@ -67,10 +79,12 @@ def main():
         pooled = encoder(inputs_embeds=features).pooler_output
         cache = encoder.init_cache(batch_size=2)
         for t in range(features.shape[1]):
-            streamed = encoder(inputs_embeds=features[:, t : t + 1], past_key_values=cache).pooler_output
+            streamed = encoder(inputs_embeds=features[:, t : t + 1], cache=cache).pooler_output
     print(
-        f"\nsequence encoder (seed defaults, {encoder_config.param_count():,} parameters): features {tuple(features.shape)} "
-        f"-> pooled {tuple(pooled.shape)}; streamed frame by frame with the cache: max diff {(streamed - pooled).abs().max():.1e}"
+        f"\nsequence encoder (seed defaults, {encoder_config.param_count():,} parameters): "
+        f"features {tuple(features.shape)} "
+        f"-> pooled {tuple(pooled.shape)}; streamed frame by frame with the cache: "
+        f"max diff {(streamed - pooled).abs().max():.1e}"
     )
 
 

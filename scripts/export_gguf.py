@@ -2,7 +2,7 @@
 
     python scripts/export_gguf.py SOURCE OUT.gguf [--outtype f32|f16|bf16]
 
-SOURCE: anything `convert_rwkv7` reads (a folder of ours, written by the converter or by a plain
+SOURCE: anything `rwkv7-convert` reads (a folder of ours, written by the converter or by a plain
 `model.save_pretrained`; an fla-hub or native-layout folder; an official `.pth`). The file holds the tensors under
 the names and shapes llama.cpp's `convert_hf_to_gguf.py` gives RWKV-7 (its `Rwkv7Model`) and its loader requires
 (`src/models/rwkv7.cpp`), the hyperparameters it reads, and the RWKV World vocabulary from the copy packaged with
@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM  # noqa: E402
-from modeling_rwkv7.convert_rwkv7 import hf_tensor_to_official, open_checkpoint  # noqa: E402
+from modeling_rwkv7.conversion_mapping_rwkv7 import hf_tensor_to_official  # noqa: E402
+from modeling_rwkv7.convert_rwkv7_checkpoint_to_hf import open_checkpoint  # noqa: E402
 from modeling_rwkv7.tokenization_rwkv7 import END_OF_TEXT, VOCAB_FILES_NAMES, load_rwkv_vocab  # noqa: E402
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.RWKV7]
@@ -74,8 +75,16 @@ _TOP_TENSORS = {
     "head.weight": "output.weight",
 }
 _LERP_ORDER = "rwkvag"  # llama.cpp's order of the six mixes in time_mix_lerp_fused
-_MATRICES = {"token_embd", "output", "time_mix_key", "time_mix_value", "time_mix_receptance", "time_mix_output",
-             "channel_mix_key", "channel_mix_value"}  # written in --outtype; everything else float32
+_MATRICES = {
+    "token_embd",
+    "output",
+    "time_mix_key",
+    "time_mix_value",
+    "time_mix_receptance",
+    "time_mix_output",
+    "channel_mix_key",
+    "channel_mix_value",
+}  # written in --outtype; everything else float32
 
 
 def check_llama_cpp_can_hold(config: RWKV7Config) -> None:
@@ -153,7 +162,10 @@ def export_gguf(source: str | os.PathLike | RWKV7ForCausalLM, output: str | os.P
         _write_metadata(writer, config, file_type, name=output.stem)
         for name, tensor in tensors.items():
             array = tensor.numpy()
-            if name.removesuffix(".weight").split(".")[-1] not in _MATRICES or tensor_type == gguf.GGMLQuantizationType.F32:
+            if (
+                name.removesuffix(".weight").split(".")[-1] not in _MATRICES
+                or tensor_type == gguf.GGMLQuantizationType.F32
+            ):
                 writer.add_tensor(name, array)
             elif tensor_type == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(name, array.astype(np.float16))

@@ -55,7 +55,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     if args.prefill_length <= 0 or args.batch_size <= 0:
-        parser.error(f"--prefill-length and --batch-size must be positive, got {args.prefill_length}, {args.batch_size}")
+        parser.error(
+            f"--prefill-length and --batch-size must be positive, got {args.prefill_length}, {args.batch_size}"
+        )
 
     model = RWKV7ForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     os.makedirs(args.output_dir, exist_ok=True)

@@ -154,7 +154,10 @@ def main(argv=None) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         save_file(state_dict, os.path.join(args.output_dir, "model.safetensors"))
         report = {
-            "world_size": world_size, "fsdp_units": units, "parameter_fraction_per_process": fractions, "losses": losses
+            "world_size": world_size,
+            "fsdp_units": units,
+            "parameter_fraction_per_process": fractions,
+            "losses": losses,
         }
         with open(os.path.join(args.output_dir, "report.json"), "w") as handle:
             json.dump(report, handle, indent=2)

@@ -85,8 +85,9 @@ def load_kernel(device: str) -> tuple[types.ModuleType, str]:
         raise SystemExit(f"error: expected one {torch_tag} {backend} variant in {KERNEL_DIR / 'build'}: {variants}")
     variant = variants[0]
     ops_id = json.loads((variant / "metadata.json").read_text())["id"]
-    spec = importlib.util.spec_from_file_location(ops_id, variant / "__init__.py",
-                                                  submodule_search_locations=[str(variant)])
+    spec = importlib.util.spec_from_file_location(
+        ops_id, variant / "__init__.py", submodule_search_locations=[str(variant)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[ops_id] = module
     spec.loader.exec_module(module)
@@ -183,16 +184,22 @@ def check_decode(report, kernel, wkv, device, dtype, seed):
     poison_allocator(device, [((batch, heads, head_dim), dtype)])
     live = state.clone()
     y = kernel.wkv7_decode_step(*(x[:, 0] for x in (r, log_decay, k, v, a, b)), live)
-    report.check(f"decode step {str(dtype)[6:]} B{batch} H{heads} N{head_dim}",
-                 {"y": relative_error(y, expected_y), "state": relative_error(live, expected_state)}, TOLERANCE[dtype])
+    report.check(
+        f"decode step {str(dtype)[6:]} B{batch} H{heads} N{head_dim}",
+        {"y": relative_error(y, expected_y), "state": relative_error(live, expected_state)},
+        TOLERANCE[dtype],
+    )
 
     sequence_y, sequence_state = kernel.wkv7(r, log_decay, k, v, a, b, state)
     live = state.clone()
-    step_y = torch.stack([kernel.wkv7_decode_step(*(x[:, t] for x in (r, log_decay, k, v, a, b)), live)
-                          for t in range(steps)], dim=1)
-    report.check(f"decode x{steps} == sequence op {str(dtype)[6:]}",
-                 {"y": relative_error(step_y, sequence_y), "state": relative_error(live, sequence_state)},
-                 TOLERANCE[dtype])
+    step_y = torch.stack(
+        [kernel.wkv7_decode_step(*(x[:, t] for x in (r, log_decay, k, v, a, b)), live) for t in range(steps)], dim=1
+    )
+    report.check(
+        f"decode x{steps} == sequence op {str(dtype)[6:]}",
+        {"y": relative_error(step_y, sequence_y), "state": relative_error(live, sequence_state)},
+        TOLERANCE[dtype],
+    )
 
 
 def measure(fn, device, reps) -> float:
@@ -221,7 +228,7 @@ def copy_bandwidth(device, reps) -> float:
     target = torch.empty_like(source)
     ms = measure(lambda: target.copy_(source), device, reps)
     bandwidth = 2 * source.numel() * source.element_size() / (ms * 1e-3)
-    del source, target
+    source = target = None  # freed before the next measurement
     return bandwidth
 
 
@@ -253,11 +260,25 @@ def official_kernel(device: str, head_dim: int = 64):
     cuda_dir = Path(spec.origin).parent / "cuda"
     from torch.utils.cpp_extension import load
 
-    load(name="wkv7s", sources=[str(cuda_dir / "rwkv7_op.cpp"), str(cuda_dir / "rwkv7.cu")], is_python_module=False,
-         verbose=False, extra_cuda_cflags=["-res-usage", "--use_fast_math", "-O3", "-Xptxas -O3",
-                                           "--extra-device-vectorization", f"-D_N_={head_dim}"])
-    ops = {torch.bfloat16: torch.ops.wkv7s.forward_bf16, torch.float16: torch.ops.wkv7s.forward_fp16,
-           torch.float32: torch.ops.wkv7s.forward_fp32}
+    load(
+        name="wkv7s",
+        sources=[str(cuda_dir / "rwkv7_op.cpp"), str(cuda_dir / "rwkv7.cu")],
+        is_python_module=False,
+        verbose=False,
+        extra_cuda_cflags=[
+            "-res-usage",
+            "--use_fast_math",
+            "-O3",
+            "-Xptxas -O3",
+            "--extra-device-vectorization",
+            f"-D_N_={head_dim}",
+        ],
+    )
+    ops = {
+        torch.bfloat16: torch.ops.wkv7s.forward_bf16,
+        torch.float16: torch.ops.wkv7s.forward_fp16,
+        torch.float32: torch.ops.wkv7s.forward_fp32,
+    }
 
     def forward(r, w, k, v, a, b, state):
         seq_len, channels = r.shape
@@ -300,8 +321,10 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
     r, log_decay, k, v, a, b, _, _ = random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed=1234)
     dy = torch.randn_like(r)
     tokens = batch * seq_len
-    print(f"\nTiming: B={batch} T={seq_len} H={heads} N={head_dim} (C={heads * head_dim}) bfloat16, median of {reps}; "
-          f"floors at the copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(
+        f"\nTiming: B={batch} T={seq_len} H={heads} N={head_dim} (C={heads * head_dim}) bfloat16, median of {reps}; "
+        f"floors at the copy bandwidth {bandwidth / 1e9:.0f} GB/s"
+    )
     rows = []
 
     def add(impl, what, fn, moved_bytes):
@@ -311,24 +334,46 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
             print(f"  {impl:<22} {what:<24} skipped: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
             return
         floor_ms = moved_bytes / bandwidth * 1e3
-        rows.append({"impl": impl, "what": what, "ms": ms, "tokens_per_s": tokens / (ms * 1e-3),
-                     "bytes": moved_bytes, "floor_ms": floor_ms, "x_floor": ms / floor_ms})
+        rows.append(
+            {
+                "impl": impl,
+                "what": what,
+                "ms": ms,
+                "tokens_per_s": tokens / (ms * 1e-3),
+                "bytes": moved_bytes,
+                "floor_ms": floor_ms,
+                "x_floor": ms / floor_ms,
+            }
+        )
 
     state_bytes = batch * heads * head_dim * head_dim * 4
     inputs = (r, log_decay, k, v, a, b)  # log_decay float32: what this kernel reads
     with torch.no_grad():
         _, _, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True)
         forward_bytes = nbytes(*inputs, r) + state_bytes  # inputs in, y and the final state out
-        add("kernel", "forward", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False),
-            forward_bytes)
-        add("kernel", "forward (+checkpoints)", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True),
-            forward_bytes + nbytes(checkpoints))
+        add(
+            "kernel", "forward", lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False), forward_bytes
+        )
+        add(
+            "kernel",
+            "forward (+checkpoints)",
+            lambda: kernel.ops.forward(r, log_decay, k, v, a, b, None, None, True),
+            forward_bytes + nbytes(checkpoints),
+        )
         backward_bytes = 2 * nbytes(*inputs) + nbytes(dy, checkpoints) + state_bytes  # inputs and dy in, grads out
-        add("kernel", "backward", lambda: kernel.ops.backward(r, log_decay, k, v, a, b, None, checkpoints, dy, None),
-            backward_bytes)
-    add("kernel", "forward+backward", forward_and_backward(kernel.wkv7, inputs, dy),
-        forward_bytes + nbytes(checkpoints) + backward_bytes)
-    del checkpoints
+        add(
+            "kernel",
+            "backward",
+            lambda: kernel.ops.backward(r, log_decay, k, v, a, b, None, checkpoints, dy, None),
+            backward_bytes,
+        )
+    add(
+        "kernel",
+        "forward+backward",
+        forward_and_backward(kernel.wkv7, inputs, dy),
+        forward_bytes + nbytes(checkpoints) + backward_bytes,
+    )
+    checkpoints = None  # freed before the next measurement
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -339,8 +384,12 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
     else:
         with torch.no_grad():
             add("chunked (PyTorch)", "forward", lambda: chunked(*inputs), forward_bytes)
-        add("chunked (PyTorch)", "forward+backward", forward_and_backward(chunked, inputs, dy),
-            forward_bytes + backward_bytes)
+        add(
+            "chunked (PyTorch)",
+            "forward+backward",
+            forward_and_backward(chunked, inputs, dy),
+            forward_bytes + backward_bytes,
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -354,8 +403,12 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
             for sequence, state in zip(sequences, states):
                 official(*sequence, state)
 
-        add("official (rwkv pkg)", "forward (B calls of 1)", run_official,
-            nbytes(*(x for sequence in sequences for x in sequence), r) + state_bytes)
+        add(
+            "official (rwkv pkg)",
+            "forward (B calls of 1)",
+            run_official,
+            nbytes(*(x for sequence in sequences for x in sequence), r) + state_bytes,
+        )
         print("  official (rwkv pkg)    forward+backward: none (the rwkv package's kernel is inference-only)")
         del sequences, states
 
@@ -367,20 +420,28 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
         w = log_decay.to(dtype)  # fla takes the log decay in the inputs' dtype
 
         def fla(r_, w_, k_, v_, a_, b_):
-            return chunk_rwkv7(r=r_, w=w_, k=k_, v=v_, a=a_, b=b_, scale=1.0, initial_state=None,
-                               output_final_state=True)
+            return chunk_rwkv7(
+                r=r_, w=w_, k=k_, v=v_, a=a_, b=b_, scale=1.0, initial_state=None, output_final_state=True
+            )
 
         fla_inputs = (r, w, k, v, a, b)
         with torch.no_grad():
             add("fla chunk_rwkv7", "forward", lambda: fla(*fla_inputs), nbytes(*fla_inputs, r) + state_bytes)
-        add("fla chunk_rwkv7", "forward+backward", forward_and_backward(fla, fla_inputs, dy),
-            3 * nbytes(*fla_inputs) + nbytes(r, dy) + state_bytes)
+        add(
+            "fla chunk_rwkv7",
+            "forward+backward",
+            forward_and_backward(fla, fla_inputs, dy),
+            3 * nbytes(*fla_inputs) + nbytes(r, dy) + state_bytes,
+        )
 
-    print(f"  {'implementation':<22} {'pass':<24} {'ms':>9} {'Mtok/s':>8} {'GB moved':>9} {'floor ms':>9} "
-          f"{'x floor':>8}")
+    print(
+        f"  {'implementation':<22} {'pass':<24} {'ms':>9} {'Mtok/s':>8} {'GB moved':>9} {'floor ms':>9} {'x floor':>8}"
+    )
     for row in rows:
-        print(f"  {row['impl']:<22} {row['what']:<24} {row['ms']:>9.3f} {row['tokens_per_s'] / 1e6:>8.2f} "
-              f"{row['bytes'] / 1e9:>9.2f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
+        print(
+            f"  {row['impl']:<22} {row['what']:<24} {row['ms']:>9.3f} {row['tokens_per_s'] / 1e6:>8.2f} "
+            f"{row['bytes'] / 1e9:>9.2f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}"
+        )
     return [dict(row, bandwidth_gbs=bandwidth / 1e9, shape=list(shape)) for row in rows]
 
 
@@ -388,25 +449,33 @@ def sanitize_workload(kernel, device):
     """Every op once on tiny shapes (the compute-sanitizer workload); no reference, no timing."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for head_dim in (16, 32, 64):
-            r, log_decay, k, v, a, b, state, reset = random_inputs(2, 37, 2, head_dim, dtype, device, seed=head_dim,
-                                                                   reset_rate=0.1)
+            r, log_decay, k, v, a, b, state, reset = random_inputs(
+                2, 37, 2, head_dim, dtype, device, seed=head_dim, reset_rate=0.1
+            )
             y, final_state, checkpoints = kernel.ops.forward(r, log_decay, k, v, a, b, state, reset, True)
-            kernel.ops.backward(r, log_decay, k, v, a, b, reset, checkpoints, torch.ones_like(y),
-                                torch.ones_like(final_state))
+            kernel.ops.backward(
+                r, log_decay, k, v, a, b, reset, checkpoints, torch.ones_like(y), torch.ones_like(final_state)
+            )
             kernel.ops.forward(r, log_decay, k, v, a, b, None, None, False)
             kernel.wkv7_decode_step(*(x[:, 0] for x in (r, log_decay, k, v, a, b)), state.clone())
     if device == "cuda":
         torch.cuda.synchronize()
-    print("sanitize workload done: forward (with and without checkpoints), backward, decode step; float32, "
-          "bfloat16, float16; head sizes 16, 32, 64")
+    print(
+        "sanitize workload done: forward (with and without checkpoints), backward, decode step; float32, "
+        "bfloat16, float16; head sizes 16, 32, 64"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of this script")
     parser.add_argument("--sanitize", action="store_true", help="only the tiny compute-sanitizer workload")
-    parser.add_argument("--bench-shapes", nargs="*", default=["8,4096,64,64", "8,4096,32,64"],
-                        help="B,T,H,N of each timing case (none: no timing)")
+    parser.add_argument(
+        "--bench-shapes",
+        nargs="*",
+        default=["8,4096,64,64", "8,4096,32,64"],
+        help="B,T,H,N of each timing case (none: no timing)",
+    )
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -437,12 +506,18 @@ def main():
     print(f"{len(report.rows) - report.failures}/{len(report.rows)} checks passed in {time.time() - started:.0f} s")
 
     bandwidth = copy_bandwidth(device, args.reps)
-    timings = [row for shape in args.bench_shapes
-               for row in bench(kernel, official, device, tuple(int(x) for x in shape.split(",")), args.reps,
-                                bandwidth)]
+    timings = [
+        row
+        for shape in args.bench_shapes
+        for row in bench(kernel, official, device, tuple(int(x) for x in shape.split(",")), args.reps, bandwidth)
+    ]
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "kernel": how,
-                                         "checks": report.rows, "timings": timings}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"device": name, "torch": torch.__version__, "kernel": how, "checks": report.rows, "timings": timings},
+                indent=2,
+            )
+        )
     sys.exit(1 if report.failures else 0)
 
 

@@ -23,8 +23,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "kernels" / "rwkv7_wkv" / "csrc"
-NVCC_FLAGS = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+NVCC_FLAGS = [
+    "-std=c++20",
+    "-O3",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 DTYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 # instruction kinds counted (the opcode up to its first dot)
 KINDS = ["LDG", "STG", "LDS", "STS", "LDL", "STL", "BAR", "FFMA", "FMUL", "FADD", "MUFU", "SHFL"]
@@ -127,8 +134,18 @@ def main():
         obj = args.object
         if obj is None:
             obj = temp / "wkv7_cuda.o"
-            run([find_tool("nvcc"), *NVCC_FLAGS, f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
-                 f"-I{CSRC}", "-c", str(CSRC / "wkv7_cuda.cu"), "-o", str(obj)])
+            run(
+                [
+                    find_tool("nvcc"),
+                    *NVCC_FLAGS,
+                    f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
+                    f"-I{CSRC}",
+                    "-c",
+                    str(CSRC / "wkv7_cuda.cu"),
+                    "-o",
+                    str(obj),
+                ]
+            )
         smem = dynamic_shared_memory(temp)
         usage = run([cuobjdump, "--dump-resource-usage", str(obj)], env=env)
         sass = run([cuobjdump, "-sass", str(obj)], env=env)
@@ -142,8 +159,10 @@ def main():
         rows.append((label, values, smem[(kind, n)]))
     for label, values, shared in sorted(rows, key=lambda row: (row[0].split()[0], int(row[0].split()[1][2:]), row[0])):
         one_chunk = f" ({shared[1] / 1024:.2f} KiB for one chunk, e.g. decoding)" if shared[1] else ""
-        print(f"  {label:<26} REG {values['REG']:>3}  STACK {values['STACK']:>3}  LOCAL {values['LOCAL']:>3}  "
-              f"dynamic smem {shared[0] / 1024:6.2f} KiB{one_chunk}")
+        print(
+            f"  {label:<26} REG {values['REG']:>3}  STACK {values['STACK']:>3}  LOCAL {values['LOCAL']:>3}  "
+            f"dynamic smem {shared[0] / 1024:6.2f} KiB{one_chunk}"
+        )
 
     print(f"\nsm_{args.arch} SASS, head size 64: static instruction counts; loops innermost first (one trip each)")
     for name, instructions in sorted(sass_functions(sass).items(), key=lambda item: kernel_label(item[0])):
@@ -153,8 +172,10 @@ def main():
         print(f"  {label}: {len(instructions)} instructions: {mix(instructions)}")
         for first, last in loops(instructions):
             body = instructions[first : last + 1]
-            print(f"    loop {instructions[first][0]:#06x}-{instructions[last][0]:#06x}: {len(body):4d} instructions: "
-                  f"{mix(body)}")
+            print(
+                f"    loop {instructions[first][0]:#06x}-{instructions[last][0]:#06x}: {len(body):4d} instructions: "
+                f"{mix(body)}"
+            )
 
 
 if __name__ == "__main__":

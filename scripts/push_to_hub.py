@@ -1,12 +1,13 @@
-"""Publish a converted RWKV-7 folder (see `convert_official_checkpoint.py`) to the Hugging Face Hub.
+"""Publish a converted RWKV-7 folder (see `rwkv7-convert`) to the Hugging Face Hub.
 
-    python scripts/push_to_hub.py FOLDER OWNER/NAME [--private] [--license apache-2.0] [--base-model BlinkDL/rwkv7-g1]
-                                  [--benchmarks results.json] [--card-template model_card.md] [--dry-run]
+    python scripts/push_to_hub.py FOLDER OWNER/NAME [--public] [--license apache-2.0] [--base-model BlinkDL/rwkv7-g1]
+                                  [--benchmarks results.json] [--card-template TEMPLATE.md] [--dry-run]
 
 Checks that the folder loads on its own (config.json `auto_map`, every code file it and the tokenizer need, every
 weight shard), renders README.md from the model card template with the repository id and the real parameter count
 (license, base model and benchmark rows default to those of the folder's own README.md), then creates the
-repository and uploads everything in one commit. `--dry-run` prints the files and the card instead, touching nothing.
+repository (private unless `--public`) and uploads everything in one commit. A symbolic link whose target lies
+outside the folder is refused. `--dry-run` prints the files and the card instead, touching nothing.
 
 `--benchmarks` is a JSON list of rows: `[{"task": "LAMBADA", "dataset": "lambada_openai", "metric": "accuracy",
 "value": 0.71, "split": "test"}]` (dataset and split optional); they become the card's table and its `model-index`.
@@ -18,20 +19,31 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from modeling_rwkv7 import RWKV7Config
-from modeling_rwkv7.convert_rwkv7 import MODEL_CARD_TEMPLATE, count_parameters, render_model_card
+from modeling_rwkv7.model_card_rwkv7 import MODEL_CARD_TEMPLATE, count_parameters, render_model_card
 
 COMMIT_MESSAGE = "Upload RWKV-7 model (modeling_rwkv7)"
 
 
 def files_to_upload(folder: Path) -> list[Path]:
-    """Every file of the folder but README.md (replaced by the rendered card), hidden files and caches."""
-    return sorted(
+    """Every file of the folder but README.md (replaced by the rendered card), hidden files and caches. Raises
+    ValueError if the folder holds a symbolic link (to a file or a folder) whose target lies outside it."""
+    root = folder.resolve()
+    entries = [
         path
         for path in folder.rglob("*")
-        if path.is_file()
-        and path.relative_to(folder).as_posix() != "README.md"
-        and not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts)
-    )
+        if not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts)
+    ]
+    outside = [
+        f"{path.relative_to(folder)} -> {path.resolve()}"
+        for path in entries
+        if path.is_symlink() and not path.resolve().is_relative_to(root)
+    ]
+    if outside:
+        raise ValueError(
+            f"{folder} holds symbolic links to outside it: {outside}. Copy what they point to into the folder, or "
+            "remove them."
+        )
+    return sorted(path for path in entries if path.is_file() and path.relative_to(folder).as_posix() != "README.md")
 
 
 def check_folder(folder: Path) -> None:
@@ -125,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="converted model folder")
     parser.add_argument("repo_id", help="Hub model repository, OWNER/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--public", action="store_true", help="create the repository as public (default: private)")
     parser.add_argument("--license", help="license id for the card (default: the folder card's, else apache-2.0)")
     parser.add_argument("--base-model", help="Hub id of the original weights (default: the folder card's)")
     parser.add_argument("--benchmarks", type=Path, help="JSON list of benchmark rows (task, metric, value)")
@@ -146,12 +158,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             benchmarks=benchmarks,
             template=args.card_template,
         )
+        files = files_to_upload(folder)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    files = files_to_upload(folder)
 
     if args.dry_run:
-        print(f"Would create model repository {args.repo_id} (private={args.private}) and upload in one commit:")
+        print(f"Would create model repository {args.repo_id} (private={not args.public}) and upload in one commit:")
         print("  README.md (the card below)")
         for path in files:
             print(f"  {path.relative_to(folder).as_posix()} ({path.stat().st_size:,} bytes)")
@@ -162,13 +174,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
-    url = api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
+    url = api.create_repo(args.repo_id, repo_type="model", private=not args.public, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
     operations += [
         CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
         for path in files
     ]
-    api.create_commit(repo_id=args.repo_id, repo_type="model", operations=operations, commit_message=args.commit_message)
+    api.create_commit(
+        repo_id=args.repo_id, repo_type="model", operations=operations, commit_message=args.commit_message
+    )
     print(f"Uploaded {len(operations)} files to {url}")
 
 

@@ -9,3 +9,5 @@ fi
 python -m pip install --quiet --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e ".${1:-}"
+# the package's native CPU decoding ops, built once per machine (else built in the background at first use)
+python -m modeling_rwkv7.kernel_build --native >/dev/null || echo "note: native CPU decoding ops not built; decoding runs the eager model"

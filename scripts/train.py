@@ -2,7 +2,8 @@
 
     # fine-tune the shipped tiny model on a text file (one document per paragraph), evaluating perplexity
     python scripts/train.py --model models/rwkv7-tiny-default --data my_text.txt --method lora \\
-        --output_dir out/lora --max_steps 200 --learning_rate 1e-3 --eval_strategy steps --eval_steps 50
+        --eval_fraction 0.1 --output_dir out/lora --max_steps 200 --learning_rate 1e-3 \\
+        --eval_strategy steps --eval_steps 50
 
     # train from scratch on JSONL documents (`{"text": ...}` per line), bf16 autocast (on CPU: --bf16 --use_cpu),
     # checkpoints every 100 steps, resumable with --resume_from_checkpoint last (or a checkpoint folder)
@@ -26,13 +27,15 @@ each followed by the end-of-document token 0, and packed into rows of `--block_s
 several documents: `position_ids` restart at 0 where a document starts, and the model resets its state there, so
 no document sees another one (a document that overflows a row goes on in the next row, from a fresh state, as in
 any fixed-length training). With `--method state` each row holds one document (padded), because every row starts
-from the tuned state. Evaluation reports `eval_loss` and `eval_perplexity`.
+from the tuned state. Evaluation reports `eval_loss` and `eval_perplexity`. Python code that a model or tokenizer
+folder names (its `auto_map`) runs only with `--trust-remote-code`.
 """
 
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -60,6 +63,8 @@ STATE_FILE = "initial_state.safetensors"
 TEXT_EXTENSIONS = (".txt", ".text", ".md")
 JSON_EXTENSIONS = (".json", ".jsonl")
 METHODS = ("full", "lora", "state")
+DATA_EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS + (".csv", ".tsv", ".parquet", ".arrow")
+_DATASET_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 @dataclass
@@ -69,11 +74,21 @@ class ScriptArguments:
     model: Optional[str] = field(default=None, metadata={"help": "Model folder or Hub name to fine-tune."})
     config: Optional[str] = field(default=None, metadata={"help": "RWKV7Config JSON file: train from scratch."})
     config_overrides: Optional[str] = field(
-        default=None, metadata={"help": "With --config: comma-separated key=value pairs, e.g. hidden_size=128,dropout=0.1."}
+        default=None,
+        metadata={"help": "With --config: comma-separated key=value pairs, e.g. hidden_size=128,dropout=0.1."},
     )
     tokenizer: Optional[str] = field(
         default=None,
-        metadata={"help": "Tokenizer folder. Default: --model when it holds a tokenizer, else the RWKV World tokenizer."},
+        metadata={
+            "help": "Tokenizer folder. Default: --model when it holds a tokenizer, else the RWKV World tokenizer."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the Python code that the --model / --tokenizer folder or repository names in its auto_map. "
+            "Off by default: this package's own RWKV-7 classes load those folders without it."
+        },
     )
     data: Optional[str] = field(
         default=None, metadata={"help": "Training documents: a .txt / .jsonl / .json file, or a dataset name."}
@@ -88,15 +103,19 @@ class ScriptArguments:
         default="paragraph", metadata={"help": "For text files, what one document is: line, paragraph or document."}
     )
     block_size: int = field(default=512, metadata={"help": "Tokens per training row."})
-    method: str = field(default="full", metadata={"help": "full (all weights), lora (PEFT LoRA) or state (state tuning)."})
+    method: str = field(
+        default="full", metadata={"help": "full (all weights), lora (PEFT LoRA) or state (state tuning)."}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: Optional[str] = field(
-        default=None, metadata={"help": "Comma-separated module names; default: PEFT's rwkv7 targets (r/k/v/o_proj, key, value)."}
+        default=None,
+        metadata={"help": "Comma-separated module names; default: PEFT's rwkv7 targets (r/k/v/o_proj, key, value)."},
     )
     save_dtype: Optional[str] = field(
-        default=None, metadata={"help": "With --method full: dtype of the saved final model (float32, bfloat16, float16)."}
+        default=None,
+        metadata={"help": "With --method full: dtype of the saved final model (float32, bfloat16, float16)."},
     )
     check_replicas: bool = field(
         default=False,
@@ -127,9 +146,16 @@ class ScriptArguments:
 
 def load_documents(source: str, text_column: str, sample_by: str = "paragraph", dataset_config: Optional[str] = None):
     """A `datasets.Dataset` with one document per row in `text_column`: from a local text file (split into
-    documents per `sample_by`), a JSON / JSONL file, or a named dataset (its `train` split)."""
+    documents per `sample_by`), a JSON / JSONL file, or a named dataset (its `train` split). A `source` that is not
+    a local path is looked up as a dataset name only if it is one ('name' or 'owner/name', no file extension)."""
     from datasets import load_dataset
 
+    looks_like_a_path = source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in DATA_EXTENSIONS
+    if not os.path.exists(source) and (looks_like_a_path or not _DATASET_NAME.fullmatch(source)):
+        raise FileNotFoundError(
+            f"Data {source!r}: no such file or folder (a Hub dataset name is 'name' or 'owner/name', without a "
+            "file extension)."
+        )
     if os.path.isfile(source):
         extension = os.path.splitext(source)[1].lower()
         if extension in TEXT_EXTENSIONS:
@@ -200,7 +226,8 @@ def build_dataset(documents, tokenizer, text_column: str, block_size: int, cross
 
 
 def parse_overrides(overrides: Optional[str]) -> dict:
-    """`"hidden_size=128,dropout=0.1,tie_word_embeddings=true"` -> {"hidden_size": 128, ...} (JSON values, else strings)."""
+    """`"hidden_size=128,dropout=0.1,tie_word_embeddings=true"` -> {"hidden_size": 128, ...} (JSON values, else
+    strings)."""
     parsed = {}
     for item in filter(None, (overrides or "").split(",")):
         if "=" not in item:
@@ -215,7 +242,9 @@ def parse_overrides(overrides: Optional[str]) -> dict:
 
 def load_model(args: ScriptArguments) -> RWKV7ForCausalLM:
     if args.model is not None:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        )
     with open(args.config) as handle:
         config_dict = json.load(handle)
     config_dict.update(parse_overrides(args.config_overrides))
@@ -227,7 +256,9 @@ def load_tokenizer(args: ScriptArguments):
     source = args.tokenizer
     if source is None and args.model is not None and os.path.isfile(os.path.join(args.model, "tokenizer_config.json")):
         source = args.model
-    return RWKV7Tokenizer() if source is None else AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    if source is None:
+        return RWKV7Tokenizer()
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
 
 
 def apply_method(model: RWKV7ForCausalLM, args: ScriptArguments) -> torch.nn.Module:
@@ -321,7 +352,8 @@ def warn_if_cpu_processes_were_dropped() -> None:
         print(
             "WARNING: `accelerate launch --cpu --num_processes N` started a single process (without --mpirun_hostfile "
             "accelerate does not start N CPU processes). For DDP on CPU run `accelerate launch --multi_gpu "
-            "--num_processes N scripts/train.py --use_cpu ...` or `torchrun --nproc_per_node N scripts/train.py --use_cpu ...`.",
+            "--num_processes N scripts/train.py --use_cpu ...` or "
+            "`torchrun --nproc_per_node N scripts/train.py --use_cpu ...`.",
             file=sys.stderr,
             flush=True,
         )
@@ -356,7 +388,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     tokenizer = load_tokenizer(args)
     model = load_model(args)
     if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}.")
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}."
+        )
 
     cross_documents = args.method != "state"
     with training_args.main_process_first(desc="tokenize + pack"):

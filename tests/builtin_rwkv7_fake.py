@@ -44,7 +44,8 @@ def _define(module_name: str):
         def __post_init__(self, **kwargs):
             if self.num_heads != self.hidden_size // self.head_dim:
                 raise ValueError(
-                    f"num_heads must be hidden_size // head_dim = {self.hidden_size // self.head_dim}, got {self.num_heads}"
+                    f"num_heads must be hidden_size // head_dim = {self.hidden_size // self.head_dim}, "
+                    f"got {self.num_heads}"
                 )
             super().__post_init__(**kwargs)
 
@@ -56,8 +57,12 @@ def _define(module_name: str):
             super().__init__(config)
             C, H, N = config.hidden_size, config.num_heads, config.head_dim
             F = config.intermediate_size or 4 * C
-            ranks = {"w": config.decay_low_rank_dim, "a": config.a_low_rank_dim, "v": config.v_low_rank_dim,
-                     "g": config.gate_low_rank_dim}
+            ranks = {
+                "w": config.decay_low_rank_dim,
+                "a": config.a_low_rank_dim,
+                "v": config.v_low_rank_dim,
+                "g": config.gate_low_rank_dim,
+            }
             self.rwkv7 = nn.Module()
             self.rwkv7.emb = nn.Embedding(config.vocab_size, C)
             self.rwkv7.blocks = nn.ModuleList()

@@ -11,6 +11,25 @@ import oracle  # noqa: E402  (sets RWKV_V7_ON before anything imports `rwkv`)
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_decoding_ops():
+    """The package's native CPU decoding ops, built (once per machine; the test command's install builds them)
+    before any test, so that "auto" decoding takes the same path in every test."""
+    from modeling_rwkv7.dispatch_rwkv7 import native_ops
+
+    ops = native_ops(wait=True)
+    assert ops is not None, "the native CPU decoding ops could not be built (see the warning above)"
+    return ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions(tmp_path, monkeypatch):
+    """Each test measures its own decisions: none stored on this machine by another test or an earlier run."""
+    from modeling_rwkv7 import measured_rwkv7
+
+    monkeypatch.setattr(measured_rwkv7, "decisions_path", lambda: tmp_path / "decisions" / "machine.json")
+
+
 @pytest.fixture(scope="session")
 def official_checkpoint(tmp_path_factory):
     """A random official-format RWKV-7 checkpoint (3 layers, hidden 256, 4 heads, vocab 1000) on disk, its state
@@ -24,7 +43,7 @@ def official_checkpoint(tmp_path_factory):
 def converted_model(official_checkpoint):
     """Our RWKV7ForCausalLM holding the weights of `official_checkpoint` (eval mode, fp32)."""
     from modeling_rwkv7 import RWKV7ForCausalLM
-    from modeling_rwkv7.convert_rwkv7 import official_to_hf
+    from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
 
     config, state_dict = official_to_hf(official_checkpoint[0])
     model = RWKV7ForCausalLM(config)

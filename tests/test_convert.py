@@ -3,24 +3,27 @@ atomic output, bad input."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import oracle
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import modeling_rwkv7  # noqa: F401  (registers rwkv7 with the Auto classes)
-import safetensors.torch
-from modeling_rwkv7 import RWKV7ForCausalLM
-from modeling_rwkv7.convert_rwkv7 import (
-    CheckpointError,
-    convert_checkpoint,
-    main,
-    official_to_hf,
-)
 from transformers import AutoModelForCausalLM
 
+import modeling_rwkv7  # noqa: F401  (registers rwkv7 with the Auto classes)
+from modeling_rwkv7 import RWKV7ForCausalLM
+from modeling_rwkv7 import convert_rwkv7_checkpoint_to_hf as converter
+from modeling_rwkv7.conversion_mapping_rwkv7 import CheckpointError, official_to_hf
+from modeling_rwkv7.convert_rwkv7_checkpoint_to_hf import convert_checkpoint, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_FILES = {"configuration_rwkv7.py", "modeling_rwkv7.py", "cache_rwkv7.py", "wkv.py"}
 
 
@@ -253,7 +256,8 @@ def test_streaming_keeps_one_shard_in_memory(tmp_path, monkeypatch):
     convert_checkpoint(path + ".pth", tmp_path / "out", dtype="bfloat16", max_shard_size="4MB")
     growth = max(peaks) - baseline
     assert len(peaks) > 2 * 10
-    assert growth < converted_bytes / 3, f"memory grew by {growth / 1e6:.1f} MB for {converted_bytes / 1e6:.1f} MB of weights"
+    message = f"memory grew by {growth / 1e6:.1f} MB for {converted_bytes / 1e6:.1f} MB of weights"
+    assert growth < converted_bytes / 3, message
 
 
 def small_official_state_dict(seed=0) -> dict:
@@ -322,3 +326,152 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
         main([path + ".pth", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert "error: Not an RWKV-7 (x070) checkpoint: missing tensors ['blocks.0.att.r_k']" in capsys.readouterr().err
+
+
+def test_stale_staging_folders_of_gone_conversions_are_removed(official_checkpoint, tmp_path):
+    """A conversion killed outright (SIGKILL) leaves its `.NAME.PID-RANDOM.partial` folder: the next conversion into
+    the same parent removes those whose process is gone, and nothing else."""
+    _, path, _ = official_checkpoint
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    gone, running = finished.pid, os.getpid()
+    stale = [f".out.{gone}-0123456789ab.partial", f".older.{gone}-0123456789ab.replaced"]
+    kept = [f".out.{running}-0123456789ab.partial", ".cache", f"out.{gone}-0123456789ab.partial"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half a shard")
+
+    convert_checkpoint(path + ".pth", tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["out"])
+
+
+KILLED_CONVERSION = """
+import sys, time
+import safetensors.torch
+from modeling_rwkv7.convert_rwkv7_checkpoint_to_hf import main
+
+write_shard = safetensors.torch.save_file
+def write_shard_then_wait(*args, **kwargs):
+    write_shard(*args, **kwargs)
+    time.sleep(120)  # killed here
+safetensors.torch.save_file = write_shard_then_wait
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.slow
+def test_a_killed_conversion_leaves_no_staging_folder_behind(official_checkpoint, tmp_path, kill):
+    """SIGTERM: the converter removes its staging folder as it exits. SIGKILL: the next conversion removes it."""
+    _, path, _ = official_checkpoint
+    conversion = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CONVERSION, path + ".pth", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.partial/*.safetensors")) and conversion.poll() is None:
+        assert time.monotonic() < deadline, "the conversion wrote no shard in 120 s"
+        time.sleep(0.1)
+    assert conversion.poll() is None, conversion.stderr.read()
+    (staging,) = tmp_path.glob(".out.*.partial")
+    assert staging.name.startswith(f".out.{conversion.pid}-")
+    conversion.send_signal(kill)
+    conversion.communicate(timeout=60)
+    assert conversion.returncode == (128 + signal.SIGTERM if kill == signal.SIGTERM else -signal.SIGKILL)
+    assert staging.exists() == (kill == signal.SIGKILL)
+
+    convert_checkpoint(path + ".pth", tmp_path / "out")
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_output_folders_that_cannot_be_replaced_safely_are_refused_before_reading(tmp_path, monkeypatch):
+    source = write_fla_folder(small_official_state_dict(), tmp_path / "work" / "fla")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(real)
+    elsewhere = tmp_path / "elsewhere" / "sub"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    monkeypatch.setattr(converter, "open_checkpoint", lambda source: pytest.fail("the source was read"))
+
+    refused = [
+        (tmp_path / "work" / "fla" / "converted", "must not lie inside the source folder"),
+        (tmp_path / "work", "must not contain the source checkpoint"),
+        (tmp_path / "work" / "fla", "must not contain the source checkpoint"),
+        (tmp_path / "link", rf"link is a symbolic link \(to {re.escape(str(real))}\)"),
+        (".", rf"\. is the current directory or holds it \({re.escape(str(elsewhere))}\)"),
+        ("..", r"\.\. is the current directory or holds it"),
+        ("new/..", r"new/\.\. is the current directory or holds it"),
+    ]
+    for output, message in refused:
+        with pytest.raises(ValueError, match=message):
+            convert_checkpoint(source, output, overwrite=True)
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
+
+
+def test_a_file_of_a_folder_or_an_unreadable_pth_is_named(tmp_path):
+    source = write_fla_folder(small_official_state_dict(), tmp_path / "fla")
+    for file in ("config.json", "model.safetensors"):
+        pass_the_folder = rf"fla/{file} is one file of a checkpoint folder; pass the folder \({re.escape(source)}\)"
+        with pytest.raises(CheckpointError, match=pass_the_folder):
+            convert_checkpoint(os.path.join(source, file), tmp_path / "out")
+
+    complete = oracle.write_official_checkpoint(small_official_state_dict(), tmp_path, name="complete") + ".pth"
+    data = open(complete, "rb").read()
+    for name, content in (("truncated.pth", data[: len(data) // 2]), ("text.pth", b"not a checkpoint")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"{name} is not a complete PyTorch checkpoint"):
+            convert_checkpoint(tmp_path / name, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def break_weights(folder: str, how: str) -> str:
+    """Damage an fla folder's weights; returns the file the error must name."""
+    weights = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if how == "truncated":
+        data = open(weights, "rb").read()
+        open(weights, "wb").write(data[: len(data) // 2])
+        return weights
+    if how == "int8 tensor":
+        with safe_open(weights, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors["model.layers.1.attn.k_a"] = tensors["model.layers.1.attn.k_a"].to(torch.int8)
+        save_file(tensors, weights)
+        return "model.layers.1.attn.k_a in model.safetensors is I8"
+    os.remove(weights)
+    if how == "index without its shard":
+        json.dump({"weight_map": {"model.embeddings.weight": "model-00001-of-00002.safetensors"}}, open(index, "w"))
+        return os.path.join(folder, "model-00001-of-00002.safetensors")
+    open(index, "w").write('{"weight_map": ')
+    return index
+
+
+@pytest.mark.parametrize("how", ["truncated", "int8 tensor", "index without its shard", "index not json"])
+def test_unreadable_weights_are_named_and_the_cli_prints_one_line(tmp_path, capsys, how):
+    folder = write_fla_folder(small_official_state_dict(), tmp_path / "fla")
+    named = break_weights(folder, how)
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        convert_checkpoint(folder, tmp_path / "out")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([folder, str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("rwkv7-convert: error: ") and named in error and error.count("\n") == 1, error
+    assert os.listdir(tmp_path) == ["fla"]
+
+
+def test_cli_refuses_to_overwrite_the_current_directory(official_checkpoint, tmp_path, monkeypatch, capsys):
+    _, path, _ = official_checkpoint
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([path + ".pth", ".", "--overwrite"])
+    assert exit_info.value.code == 1
+    assert f"error: The output folder . is the current directory or holds it ({tmp_path})" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

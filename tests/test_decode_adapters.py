@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import STATE_NAMES, VOCAB, decode, random_model
 from peft import LoraConfig, get_peft_model
-from test_decode_compiled import VOCAB, decode, random_model
 
 from modeling_rwkv7 import RWKV7ForCausalLM
 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
@@ -16,7 +16,6 @@ from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
 SEED = 41
 TARGETS = ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"]  # the attention and FFN projections
-STATE_NAMES = ("recurrent_state", "attn_shift_state", "ffn_shift_state")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,6 +90,8 @@ def assert_differs(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert (a - b).abs().max() > 0.1 * b.abs().max(), what
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_lora_model_matches_the_eager_lora_model_over_64_tokens(adapted):
     """Batch 2, a 5-token eager prompt, then 64 tokens through both: logits and every state tensor agree, and the
     adapters are in the computation (the base model decodes otherwise). The PEFT forward traces as one graph."""
@@ -99,9 +100,9 @@ def test_compiled_lora_model_matches_the_eager_lora_model_over_64_tokens(adapted
     tokens = torch.randint(0, VOCAB, (2, 69), generator=torch.Generator().manual_seed(43))
     graphs_before = len(adapted.graphs)
     with torch.no_grad():
-        eager_cache = peft_model(tokens[:, :5], use_cache=True).past_key_values
+        eager_cache = peft_model(tokens[:, :5], use_cache=True).cache
         compiled_cache = eager_cache.copy()
-        base_cache = adapted.base(tokens[:, :5], use_cache=True).past_key_values
+        base_cache = adapted.base(tokens[:, :5], use_cache=True).cache
     eager = decode(peft_model, tokens[:, 5:], eager_cache)
     compiled = decode(step, tokens[:, 5:], compiled_cache)
     assert eager.shape == (2, 64, VOCAB)
@@ -112,6 +113,8 @@ def test_compiled_lora_model_matches_the_eager_lora_model_over_64_tokens(adapted
     assert len(adapted.graphs) - graphs_before <= 1, "the PEFT forward broke into several graphs"
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_merged_model_decodes_like_the_adapter_model(adapted, merged):
     """`merge_and_unload` of the adapted model, through its own compiled step (batch 1), gives the eager adapter
     model's logits and state over 32 tokens."""
@@ -124,6 +127,8 @@ def test_merged_model_decodes_like_the_adapter_model(adapted, merged):
     assert_states_close(merged_cache, adapter_cache, seen_tokens=32)
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_disabling_or_switching_adapters_after_compiling_recompiles_to_the_new_configuration(adapted):
     """`disable_adapter()` and `set_adapter("second")` after the step was compiled for "default": torch.compile's
     guards (on the LoRA layers' flags and active adapter) fail, the step is traced again, and it gives the eager
@@ -170,6 +175,8 @@ def test_disabling_or_switching_adapters_after_compiling_recompiles_to_the_new_c
     assert_logits_close(compiled, with_default, "compiled, back to 'default'")
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_step_decodes_from_a_tuned_initial_state(merged):
     """A tuned initial WKV state (`RWKV7StateTuning.initial_cache`, batch 1) decoded 32 tokens through the compiled
     step equals eager decoding from the same state and the wrapper's own forward pass, and differs from decoding

@@ -1,8 +1,8 @@
-"""The native CPU decoding step (`native_decode_step`: the kernel package's `block_decode_step` per block and `gemv`
-for the head) computes what the eager model computes, token after token: float32 weights to float32 rounding;
-bfloat16 weights in float32 (no further from the float32 truth than the eager bfloat16 model); torchao int8
-weights as their dequantized values. `gemv` against F.linear for every projection shape of the presets. What the
-step cannot run (adapters, wrong inputs, a kernel without the ops) is refused by name."""
+"""The native CPU decoding step (the package's `block_decode_step` per block and `gemv` for the head), which a plain
+decoding call of the model takes by default on CPU (`dispatch_rwkv7`), computes what the eager model computes, token
+after token: float32 weights to float32 rounding; bfloat16 weights in float32 (no further from the float32 truth
+than the eager bfloat16 model); torchao int8 weights as their dequantized values. `gemv` against F.linear for every
+projection shape of the presets. Calls the step cannot run (adapters, padding, gradients) run the eager model."""
 
 import copy
 import logging
@@ -15,55 +15,37 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import STATE_NAMES, VOCAB, decode, relative_error, state_errors
+from helpers import random_model as random_trained_scale_model
 from peft import LoraConfig, get_peft_model
-from test_decode_compiled import VOCAB, decode, random_model
 from transformers import DynamicCache
 
-from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model, dispatch_rwkv7
 from modeling_rwkv7.cache_rwkv7 import RWKV7Cache
 from modeling_rwkv7.decode_rwkv7 import native_decode_step
 from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
 from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
-STATE_NAMES = ("recurrent_state", "attn_shift_state", "ffn_shift_state")
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    """The CPU build of kernels/rwkv7_wkv (built, or found up to date, by scripts/build_kernel.py), loaded through
-    the `kernels` library."""
-    import kernels
-
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_kernel.py")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
-    )
-    assert result.returncode == 0, f"build_kernel.py failed:\n{result.stdout}\n{result.stderr}"
-    return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
+def kernel(native_decoding_ops):
+    """The package's native CPU decoding ops (built once per machine; see conftest)."""
+    return native_decoding_ops
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max abs error over the largest expected magnitude (shapes must agree, values finite)."""
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all()
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    return ((actual.float() - expected.float()).abs().max() / scale).item()
+def random_model(seed: int) -> RWKV7ForCausalLM:
+    """helpers' random model, decoding through its eager modules: the reference."""
+    model = random_trained_scale_model(seed)
+    model.set_implementation(decode="eager")
+    return model
 
 
-def state_errors(actual: RWKV7Cache, expected: RWKV7Cache) -> dict:
-    """{(layer, name): relative error} for every state tensor, after checking shapes and dtypes."""
-    assert len(actual.layers) == len(expected.layers)
-    errors = {}
-    for layer_idx, (actual_layer, expected_layer) in enumerate(zip(actual.layers, expected.layers)):
-        for name in STATE_NAMES:
-            a, e = getattr(actual_layer, name), getattr(expected_layer, name)
-            assert a.shape == e.shape and a.dtype == e.dtype, f"layer {layer_idx} {name}: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
-            errors[layer_idx, name] = relative_error(a, e)
-    return errors
+def default_path(model: RWKV7ForCausalLM) -> RWKV7ForCausalLM:
+    """The same model decoding as a plain call does by default ("auto": the native ops on CPU)."""
+    model.set_implementation(decode="auto")
+    return model
 
 
 def tokens_for(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -73,18 +55,27 @@ def tokens_for(batch: int, length: int, seed: int) -> torch.Tensor:
 # --- the step against the eager model ------------------------------------------------------------------------
 
 
+@pytest.fixture
+def counting(kernel, monkeypatch):
+    """The native ops the default path loads, counting the block steps they run."""
+    counting = CountingKernel(kernel)
+    monkeypatch.setitem(dispatch_rwkv7._native, "module", counting)
+    return counting
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_float32_native_step_matches_the_eager_step_over_64_tokens(kernel, batch):
-    """A 5-token eager prompt, then 64 tokens through the eager model and the native step from copies of its cache:
-    the logits at every token and, at the end, every state tensor and the token count agree to float32 rounding."""
+def test_float32_default_decoding_is_native_and_matches_the_eager_step_over_64_tokens(counting, batch):
+    """A 5-token eager prompt, then 64 tokens through the eager model and a plain call of the same model (the
+    default path: native) from copies of its cache: the logits at every token and, at the end, every state tensor
+    and the token count agree to float32 rounding; every default step ran the native blocks."""
     model = random_model(seed=50 + batch)
     tokens = tokens_for(batch, 69, seed=60 + batch)
-    step = native_decode_step(model, kernel)
     with torch.no_grad():
-        eager_cache = model(tokens[:, :5], use_cache=True).past_key_values
+        eager_cache = model(tokens[:, :5], use_cache=True).cache
     native_cache = eager_cache.copy()
     eager = decode(model, tokens[:, 5:], eager_cache)
-    native = decode(step, tokens[:, 5:], native_cache)
+    native = decode(default_path(model), tokens[:, 5:], native_cache)
+    assert counting.blocks == 64 * len(model.model.layers)
     assert native.dtype == torch.float32
     for t in range(64):
         assert relative_error(native[:, t], eager[:, t]) <= 1e-5, f"token {5 + t}"
@@ -93,7 +84,7 @@ def test_float32_native_step_matches_the_eager_step_over_64_tokens(kernel, batch
     assert int(native_cache.seen_tokens) == int(eager_cache.seen_tokens) == 69
 
 
-def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(kernel):
+def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(counting):
     """bfloat16 weights: the native step computes in float32 (the logits and shift states rounded to bfloat16), the
     eager bfloat16 model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights.
     Over 32 tokens from a fresh cache the native step's logits and states are no further from it than the eager
@@ -102,9 +93,10 @@ def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bf
     truth_model = copy.deepcopy(model).float()
     tokens = tokens_for(2, 32, seed=72)
     native_cache, eager_cache, truth_cache = (m.init_cache(batch_size=2) for m in (model, model, truth_model))
-    native = decode(native_decode_step(model, kernel), tokens, native_cache)
     eager = decode(model, tokens, eager_cache)
     truth = decode(truth_model, tokens, truth_cache)
+    native = decode(default_path(model), tokens, native_cache)
+    assert counting.blocks == 32 * len(model.model.layers)
     assert native.dtype == eager.dtype == torch.bfloat16
     native_error, eager_error = relative_error(native, truth), relative_error(eager, truth)
     assert native_error <= eager_error, (native_error, eager_error)
@@ -126,7 +118,7 @@ def _errors_vs(actual: RWKV7Cache, truth: RWKV7Cache) -> dict:
     }
 
 
-def test_int8_native_step_computes_the_dequantized_weights(kernel):
+def test_int8_native_step_computes_the_dequantized_weights(counting):
     """torchao int8 weight-only (every projection and the head, one scale per row): over 32 tokens from a fresh
     cache the native step's logits and states equal the float32 eager model holding the dequantized weights."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -136,15 +128,18 @@ def test_int8_native_step_computes_the_dequantized_weights(kernel):
     quantize_(model, Int8WeightOnlyConfig())
     projections = {name: m for name, m in model.named_modules() if isinstance(m, RWKV7Linear)}
     assert "lm_head" in projections and len(projections) == 27  # 12 in layer 0 (no value LoRA), 14 in layer 1, head
-    assert all(m.weight.qdata.dtype == torch.int8 and m.weight.scale.numel() == m.weight.shape[0]
-               for m in projections.values())
+    assert all(
+        m.weight.qdata.dtype == torch.int8 and m.weight.scale.numel() == m.weight.shape[0]
+        for m in projections.values()
+    )
     dequantized = copy.deepcopy(original)
     with torch.no_grad():
         for name, module in projections.items():
             dequantized.get_submodule(name).weight.copy_(module.weight.dequantize())
     tokens = tokens_for(2, 32, seed=82)
     native_cache, truth_cache = model.init_cache(batch_size=2), dequantized.init_cache(batch_size=2)
-    native = decode(native_decode_step(model, kernel), tokens, native_cache)
+    native = decode(default_path(model), tokens, native_cache)
+    assert counting.blocks == 32 * len(model.model.layers)
     truth = decode(dequantized, tokens, truth_cache)
     assert native.dtype == torch.float32
     assert relative_error(native, truth) <= 1e-5
@@ -203,22 +198,29 @@ def test_replaced_parameters_and_modules_are_read_again(kernel, caplog):
         value = RWKV7Linear(512, 128, bias=False)
         value.weight.copy_(torch.randn(128, 512, generator=generator) * 512**-0.5)
         model.model.layers[1].ffn.value = value
-        model.model.layers[0].attn.x_r = torch.nn.Parameter(torch.rand(model.model.layers[0].attn.x_r.shape, generator=generator))
+        model.model.layers[0].attn.x_r = torch.nn.Parameter(
+            torch.rand(model.model.layers[0].attn.x_r.shape, generator=generator)
+        )
     eager = decode(model, tokens[:, 3:6], eager_cache)
     native = decode(step, tokens[:, 3:6], native_cache)
     assert relative_error(native, eager) <= 1e-5
     errors = state_errors(native_cache, eager_cache)
     assert max(errors.values()) <= 1e-5, errors
 
-    # an adapter attached after the step was made: the next call finds it and decodes through the eager model
+    # an adapter attached after the step was made: the next call finds it (the step is no longer readable), and
+    # the default path decodes through the eager model and says so
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["key"]))  # wraps in place
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.1, generator=generator)
     with caplog.at_level(logging.WARNING):
-        native = decode(step, tokens[:, 6:8], native_cache)
+        assert not step.readable()
+        with pytest.raises(ValueError, match="cannot read"):
+            step(tokens[:, 6:7], native_cache)
+        native = decode(default_path(model), tokens[:, 6:8], native_cache)
     assert any("model.layers.0.ffn.key" in message for message in fallback_warnings(caplog))
+    model.set_implementation(decode="eager")
     assert relative_error(native, decode(model, tokens[:, 6:8], eager_cache)) <= 1e-5
 
 
@@ -249,7 +251,15 @@ def test_the_preset_shapes_are_the_expected_ones():
     """The shape lists below hold what the presets say (so the gemv tests cover the real projections)."""
     shapes_01b = projection_shapes("rwkv7-0.1b.json")
     assert set(shapes_01b) == {
-        (768, 768), (64, 768), (768, 64), (32, 768), (768, 32), (128, 768), (768, 128), (3072, 768), (768, 3072),
+        (768, 768),
+        (64, 768),
+        (768, 64),
+        (32, 768),
+        (768, 32),
+        (128, 768),
+        (768, 128),
+        (3072, 768),
+        (768, 3072),
         (65536, 768),
     }
     assert (256, 287) in projection_shapes("seed-default.json")  # the feature encoder's input projection
@@ -263,7 +273,9 @@ def int8_rows_weight(out_features: int, in_features: int, generator, scale_dtype
 
 
 @pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8", "int8-bf16-scale"])
-@pytest.mark.parametrize("shape", [shape for _, shape in SMALL_SHAPES], ids=[f"{f}-{s[0]}x{s[1]}" for f, s in SMALL_SHAPES])
+@pytest.mark.parametrize(
+    "shape", [shape for _, shape in SMALL_SHAPES], ids=[f"{f}-{s[0]}x{s[1]}" for f, s in SMALL_SHAPES]
+)
 def test_gemv_equals_f_linear(kernel, shape, weight_kind):
     """1, 2, 3, 5, 8 and 16 float32 rows times every projection weight: F.linear of the float32 rows with the
     weight's float32 value (an int8 weight: its values times its scales), to float32 rounding, in float32."""
@@ -280,8 +292,9 @@ def test_gemv_equals_f_linear(kernel, shape, weight_kind):
 def _weight(kind: str, out_features: int, in_features: int, generator):
     """(weight, scale or None, its float32 value)."""
     if kind.startswith("int8"):
-        q, scale = int8_rows_weight(out_features, in_features, generator,
-                                    torch.bfloat16 if kind == "int8-bf16-scale" else torch.float32)
+        q, scale = int8_rows_weight(
+            out_features, in_features, generator, torch.bfloat16 if kind == "int8-bf16-scale" else torch.float32
+        )
         return q, scale, q.float() * scale.float()[:, None]
     weight = (torch.randn(out_features, in_features, generator=generator) * in_features**-0.5).to(getattr(torch, kind))
     return weight, None, weight.float()
@@ -313,6 +326,7 @@ def test_gemv_bfloat16_rows_return_bfloat16(kernel, weight_kind):
             assert ((actual.float() - expected).abs() <= bound).all(), (out_features, in_features, n)
 
 
+@pytest.mark.compile
 def test_gemv_compiles_fullgraph(kernel):
     """torch.compile(fullgraph=True) traces gemv through its fake implementation and runs the same product."""
     generator = torch.Generator().manual_seed(5)
@@ -359,7 +373,11 @@ class CountingKernel:
 
 
 def fallback_warnings(caplog) -> list:
-    return [r.getMessage() for r in caplog.records if r.name == "modeling_rwkv7.decode_rwkv7" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "modeling_rwkv7.decode_rwkv7" and r.levelno == logging.WARNING
+    ]
 
 
 @pytest.mark.parametrize(
@@ -371,20 +389,16 @@ def fallback_warnings(caplog) -> list:
         (["lm_head"], "lm_head"),
     ],
 )
-def test_a_lora_adapter_falls_back_to_the_eager_model_and_the_merged_model_decodes_natively(kernel, targets, path, caplog):
-    """A model carrying a PEFT LoRA adapter: the step decodes it through the eager model (no native block runs),
+def test_a_lora_adapter_decodes_eagerly_and_the_merged_model_natively(counting, targets, path, caplog):
+    """A model carrying a PEFT LoRA adapter: its default decoding runs the eager model (no native block runs),
     giving the adapter model's logits, and says so once, naming the first wrapped module and merge_and_unload.
-    The PeftModel wrapper itself is refused (TypeError naming it). After merge_and_unload() the step runs natively
-    and equals the eager merged model (whose logits the adapter changed)."""
+    After merge_and_unload() it decodes natively and equals the eager merged model (whose logits the adapter
+    changed)."""
     peft_model = lora_model(targets)
+    default_path(peft_model.get_base_model())
     tokens = tokens_for(2, 6, seed=103)
-    with pytest.raises(TypeError, match="PeftModel"):
-        native_decode_step(peft_model, kernel)
-    adapted = peft_model.get_base_model()
-    assert type(adapted) is RWKV7ForCausalLM
-    counting = CountingKernel(kernel)
     with caplog.at_level(logging.WARNING):
-        fallback = decode(native_decode_step(adapted, counting), tokens, adapted.init_cache(batch_size=2))
+        fallback = decode(peft_model, tokens, peft_model.get_base_model().init_cache(batch_size=2))
     assert counting.blocks == 0
     warnings = fallback_warnings(caplog)
     assert len(warnings) == 1 and path in warnings[0] and "merge_and_unload" in warnings[0], warnings
@@ -395,19 +409,19 @@ def test_a_lora_adapter_falls_back_to_the_eager_model_and_the_merged_model_decod
     merged = peft_model.merge_and_unload()
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     base = random_model(seed=101)
-    counting = CountingKernel(kernel)
-    native = decode(native_decode_step(merged, counting), tokens, merged.init_cache(batch_size=2))
+    native = decode(merged, tokens, merged.init_cache(batch_size=2))
     assert counting.blocks == 6 * len(merged.model.layers)
+    merged.set_implementation(decode="eager")
     eager = decode(merged, tokens, merged.init_cache(batch_size=2))
     assert relative_error(native, eager) <= 1e-5
     assert relative_error(native, adapted_logits) <= 1e-5
     assert relative_error(eager, decode(base, tokens, base.init_cache(batch_size=2))) > 1e-3
 
 
-def test_a_tuned_initial_state_decodes_natively(kernel):
-    """State tuning: decoding from `RWKV7StateTuning.initial_cache` through the native step equals eager decoding
-    from the same state (logits over 24 tokens, and every state tensor), differs from decoding from zeros, and
-    leaves the trained `initial_state` as it was."""
+def test_a_tuned_initial_state_decodes_natively(counting):
+    """State tuning: decoding from `RWKV7StateTuning.initial_cache` through the default (native) path equals eager
+    decoding from the same state (logits over 24 tokens, and every state tensor), differs from decoding from
+    zeros, and leaves the trained `initial_state` as it was."""
     model = random_model(seed=131)
     tuned = RWKV7StateTuning(model)
     generator = torch.Generator().manual_seed(132)
@@ -417,55 +431,41 @@ def test_a_tuned_initial_state_decodes_natively(kernel):
     tokens = tokens_for(1, 24, seed=133)
     with torch.no_grad():
         native_cache, eager_cache = tuned.initial_cache(1), tuned.initial_cache(1)
-    native = decode(native_decode_step(model, kernel), tokens, native_cache)
     eager = decode(model, tokens, eager_cache)
+    native = decode(default_path(model), tokens, native_cache)
+    assert counting.blocks == 24 * len(model.model.layers)
     assert relative_error(native, eager) <= 1e-5
     errors = state_errors(native_cache, eager_cache)
     assert max(errors.values()) <= 1e-5, errors
+    model.set_implementation(decode="eager")
     assert relative_error(eager, decode(model, tokens, model.init_cache(1))) > 1e-3
     assert torch.equal(tuned.initial_state, initial_state)
 
 
-def test_wrong_inputs_are_refused_by_name(kernel):
-    """Two tokens per row, a cache of another batch size, a cache that is not an RWKV7Cache, a token id outside the
-    vocabulary, an unknown keyword, a WKV state not in float32: each refused with the value named; the cache is left as it was."""
-    model = random_model(seed=111)
-    step = native_decode_step(model, kernel)
+def test_wrong_inputs_to_a_native_step_are_refused_by_name(counting):
+    """Through the default (native) path: a cache of another batch size, a token id outside the vocabulary, a
+    cache that is not an RWKV7Cache: each refused with the value named; the cache is left as it was."""
+    model = default_path(random_model(seed=111))
     cache = model.init_cache(batch_size=2)
     before = [{name: getattr(layer, name).clone() for name in STATE_NAMES} for layer in cache.layers]
-    with pytest.raises(ValueError, match=r"\(1, 2\)"):
-        step(torch.zeros(1, 2, dtype=torch.long), past_key_values=model.init_cache(batch_size=1))
-    with pytest.raises(ValueError, match=r"\(3,\)"):
-        step(torch.zeros(3, dtype=torch.long), past_key_values=model.init_cache(batch_size=3))
-    with pytest.raises(ValueError, match=r"batch size 2.*batch size 3"):
-        step(torch.zeros(3, 1, dtype=torch.long), past_key_values=cache)
-    with pytest.raises(TypeError, match="DynamicCache"):
-        step(torch.zeros(2, 1, dtype=torch.long), past_key_values=DynamicCache())
-    with pytest.raises(TypeError, match="NoneType"):
-        step(torch.zeros(2, 1, dtype=torch.long), past_key_values=None)
-    with pytest.raises(ValueError, match=f"Token id {VOCAB} .*\\[0, {VOCAB}\\)"):
-        step(torch.tensor([[3], [VOCAB]]), past_key_values=cache)
-    with pytest.raises(ValueError, match="Token id -1 "):
-        step(torch.tensor([[-1], [3]]), past_key_values=cache)
-    with pytest.raises(TypeError, match="attention_mask"):
-        step(torch.zeros(2, 1, dtype=torch.long), past_key_values=cache, attention_mask=torch.ones(2, 1))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"batch size 2.*batch size 3"):
+            model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match=f"Token id {VOCAB} .*\\[0, {VOCAB}\\)"):
+            model(torch.tensor([[3], [VOCAB]]), cache=cache)
+        with pytest.raises(ValueError, match="Token id -1 "):
+            model(torch.tensor([[-1], [3]]), cache=cache)
+        with pytest.raises(TypeError, match="DynamicCache"):
+            model(torch.zeros(2, 1, dtype=torch.long), cache=DynamicCache())
     for layer, saved in zip(cache.layers, before):
         assert all(torch.equal(getattr(layer, name), saved[name]) for name in STATE_NAMES)
-    assert int(cache.seen_tokens) == 0
-
-    half_state = copy.deepcopy(model)
-    half_state.config.wkv_state_dtype = "bfloat16"
-    with pytest.raises(ValueError, match="bfloat16"):
-        native_decode_step(half_state, kernel)(torch.zeros(1, 1, dtype=torch.long),
-                                               past_key_values=half_state.init_cache(batch_size=1))
+    assert int(cache.seen_tokens) == 0 and counting.blocks == 0
 
 
-def test_a_model_without_a_head_or_a_kernel_without_the_ops_is_refused(kernel):
-    """native_decode_step takes an RWKV7ForCausalLM (not the bare RWKV7Model) and a kernel module with the decoding
-    ops (not, e.g., one that has only some of them); the errors name what is wrong."""
+def test_a_kernel_without_the_ops_is_refused(kernel):
+    """native_decode_step takes a kernel module with the decoding ops (not, e.g., one that has only some of them);
+    the error names what is missing."""
     model = random_model(seed=121)
-    with pytest.raises(TypeError, match="RWKV7Model"):
-        native_decode_step(model.model, kernel)
     with pytest.raises(ValueError, match="block_decode_step"):
         native_decode_step(model, SimpleNamespace())
     with pytest.raises(ValueError, match="block_decode_step") as refusal:
@@ -473,23 +473,23 @@ def test_a_model_without_a_head_or_a_kernel_without_the_ops_is_refused(kernel):
     assert "'gemv'" not in str(refusal.value)
 
 
-def test_a_training_model_with_dropout_is_refused_and_decodes_in_eval_mode(kernel):
-    """The native step is the inference step: with dropout > 0 a model in training mode is refused (the eager model
-    would drop activations), naming the dropout; after model.eval() it decodes as the eager model does."""
-    config = RWKV7Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512,
-                         dropout=0.1)
+def test_a_training_model_with_dropout_decodes_eagerly_and_natively_in_eval_mode(counting):
+    """The native step is the inference step: a model in training mode with dropout > 0 decodes through the eager
+    modules (which drop activations); after model.eval() a plain step runs natively, as the eager model does."""
+    config = RWKV7Config(
+        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512, dropout=0.1
+    )
     model = RWKV7ForCausalLM(config)
-    step = native_decode_step(model, kernel)
     token = torch.tensor([[7]])
-    cache = model.init_cache(batch_size=1)
-    with pytest.raises(ValueError, match=r"dropout=0\.1"):
-        step(token, past_key_values=cache)
-    assert int(cache.seen_tokens) == 0
-    model.eval()
-    eager_cache = model.init_cache(batch_size=1)
     with torch.no_grad():
-        expected = model(token, past_key_values=eager_cache).logits
-    actual = step(token, past_key_values=cache).logits
+        model(token, cache=model.init_cache(batch_size=1))
+    assert counting.blocks == 0
+    model.eval()
+    with torch.no_grad():
+        actual = model(token, cache=model.init_cache(batch_size=1)).logits
+        assert counting.blocks == 2
+        model.set_implementation(decode="eager")
+        expected = model(token, cache=model.init_cache(batch_size=1)).logits
     assert actual.shape == expected.shape == (1, 1, VOCAB)
     assert relative_error(actual, expected) <= 1e-5
 
@@ -498,7 +498,9 @@ def test_opcheck_gemv_and_block_decode_step(kernel):
     """torch.library.opcheck (schema with its in-place annotations, fake implementations, AOT dispatch) on both
     decoding ops, with the tensors of a real block (layer 1, which has the value-residual LoRA) and layer 0."""
     generator = torch.Generator().manual_seed(41)
-    torch.library.opcheck(kernel.ops.gemv, (torch.randn(3, 128, generator=generator), torch.randn(96, 128, generator=generator), None))
+    torch.library.opcheck(
+        kernel.ops.gemv, (torch.randn(3, 128, generator=generator), torch.randn(96, 128, generator=generator), None)
+    )
     q, scale = int8_rows_weight(96, 128, generator)
     torch.library.opcheck(kernel.ops.gemv, (torch.randn(2, 128, generator=generator), q, scale))
 
@@ -509,29 +511,39 @@ def test_opcheck_gemv_and_block_decode_step(kernel):
         vectors, weights, scales = step._tensors["blocks"][layer_idx]
         state = cache.layers[layer_idx]
         state.recurrent_state.normal_(generator=generator)
-        args = (torch.randn(2, 128, generator=generator), v_first, vectors, weights, scales,
-                state.attn_shift_state.clone(), state.recurrent_state.clone(), state.ffn_shift_state.clone(),
-                1e-5, 64e-5, 0.6)
+        args = (
+            torch.randn(2, 128, generator=generator),
+            v_first,
+            vectors,
+            weights,
+            scales,
+            state.attn_shift_state.clone(),
+            state.recurrent_state.clone(),
+            state.ffn_shift_state.clone(),
+            1e-5,
+            64e-5,
+            0.6,
+        )
         torch.library.opcheck(kernel.ops.block_decode_step, args)
 
 
 _VARIANT_CHECK = r"""
-import sys, torch, kernels
+import sys, torch
 sys.path.insert(0, {tests!r})
-from test_decode_compiled import random_model
+from test_decode_native import random_model
 from modeling_rwkv7.decode_rwkv7 import native_decode_step
-from pathlib import Path
-kernel = kernels.get_local_kernel(Path({kernel_dir!r}), backend="cpu")
+from modeling_rwkv7.dispatch_rwkv7 import native_ops
+kernel = native_ops(wait=True)
 model = random_model(seed=51)
 tokens = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(52))
 step = native_decode_step(model, kernel)
 worst = 0.0
 with torch.no_grad():
-    eager_cache = model(tokens[:, :4], use_cache=True).past_key_values
+    eager_cache = model(tokens[:, :4], use_cache=True).cache
     native_cache = eager_cache.copy()
     for t in range(4, 20):
-        eager = model(tokens[:, t : t + 1], past_key_values=eager_cache).logits
-        native = step(tokens[:, t : t + 1], past_key_values=native_cache).logits
+        eager = model(tokens[:, t : t + 1], cache=eager_cache).logits
+        native = step(tokens[:, t : t + 1], cache=native_cache).logits
         worst = max(worst, float((native - eager).abs().max() / eager.abs().max()))
     for weight in (torch.randn(70, 133), torch.randn(70, 133).bfloat16()):  # odd sizes: the vector tails too
         rows = torch.randn(3, 133)
@@ -541,13 +553,18 @@ print(kernel.decode_vector_bits(), worst)
 
 
 @pytest.mark.parametrize("capability, bits", [("avx2", 256), ("default", 128)])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_every_isa_variant_matches_the_eager_step(kernel, capability, bits):
     """The AVX2 and baseline builds of the loops (chosen by ATEN_CPU_CAPABILITY, as torch's own kernels are) give
     the eager model's logits (batch 2, 16 tokens) and F.linear's products, each in a process of its own; the
     variant in use is the one asked for, or the best below it that the CPU has."""
-    script = _VARIANT_CHECK.format(tests=str(REPO / "tests"), kernel_dir=str(KERNEL_DIR))
+    script = _VARIANT_CHECK.format(tests=str(REPO / "tests"))
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -559,26 +576,28 @@ def test_every_isa_variant_matches_the_eager_step(kernel, capability, bits):
 # --- generate() ----------------------------------------------------------------------------------------------
 
 
-def test_generate_inside_native_decoding_runs_the_native_step_and_gives_the_eager_tokens(kernel):
-    """Greedy and beam-search generate() on left-padded prompts inside `native_decoding`: the same tokens as
-    eager generate(), scores within 1e-5, every decoding step through the native blocks (the prompt through the
-    model's forward); afterwards the model's forward is its own again."""
-    from modeling_rwkv7.decode_rwkv7 import native_decoding
-
+def test_default_generate_runs_the_native_step_and_gives_the_eager_tokens(counting):
+    """Greedy and beam-search generate() on left-padded prompts, with nothing asked for: the same tokens as eager
+    generate(), scores within 1e-5, every decoding step through the native blocks (the prompt through the eager
+    modules); the model's forward is its own throughout."""
     model = random_model(seed=141)
     input_ids = tokens_for(2, 7, seed=142)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0  # row 0 is left-padded
-    options = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
-                   return_dict_in_generate=True, output_scores=True)
+    options = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     eager = model.generate(**options)
     eager_beams = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, num_beams=3)
-    counting = CountingKernel(kernel)
-    with native_decoding(model, counting) as step:
-        assert step.model is model
-        native = model.generate(**options)
-        steps_greedy = counting.blocks // len(model.model.layers)
-        native_beams = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, num_beams=3)
+    default_path(model)
+    native = model.generate(**options)
+    steps_greedy = counting.blocks // len(model.model.layers)
+    native_beams = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8, num_beams=3)
     assert "forward" not in model.__dict__
     assert native.sequences.shape == eager.sequences.shape == (2, 7 + 12)
     assert torch.equal(native.sequences, eager.sequences)
@@ -589,21 +608,19 @@ def test_generate_inside_native_decoding_runs_the_native_step_and_gives_the_eage
     assert counting.blocks // len(model.model.layers) == steps_greedy + 7
 
 
-def test_native_decoding_leaves_other_calls_to_the_model(kernel):
-    """Inside `native_decoding`, a call the step does not handle runs the model's own forward: a padded token in
-    the step, a prompt, output_hidden_states, grad mode on; a plain step runs natively."""
-    from modeling_rwkv7.decode_rwkv7 import native_decoding
-
-    model = random_model(seed=151)
-    counting = CountingKernel(kernel)
+def test_calls_that_are_not_plain_decoding_steps_run_the_eager_modules(counting):
+    """A padded token in the step, a prompt, output_hidden_states, grad mode on, labels: the eager modules; a plain
+    step runs natively."""
+    model = default_path(random_model(seed=151))
     tokens = tokens_for(2, 4, seed=152)
-    with native_decoding(model, counting), torch.no_grad():
-        cache = model(tokens[:, :3], past_key_values=model.init_cache(batch_size=2)).past_key_values
+    with torch.no_grad():
+        cache = model(tokens[:, :3], cache=model.init_cache(batch_size=2)).cache
         padded = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-        model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), attention_mask=padded)
-        model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), output_hidden_states=True)
-        with torch.enable_grad():  # gradients wanted: the model's forward
-            assert model(input_ids=tokens[:, 3:], past_key_values=cache.copy()).logits.requires_grad
+        model(input_ids=tokens[:, 3:], cache=cache.copy(), attention_mask=padded)
+        model(input_ids=tokens[:, 3:], cache=cache.copy(), output_hidden_states=True)
+        model(input_ids=tokens[:, 3:], cache=cache.copy(), labels=tokens[:, 3:])
+        with torch.enable_grad():  # gradients wanted: the eager modules
+            assert model(input_ids=tokens[:, 3:], cache=cache.copy()).logits.requires_grad
         assert counting.blocks == 0
-        model(input_ids=tokens[:, 3:], past_key_values=cache.copy(), attention_mask=torch.ones(2, 4))
+        model(input_ids=tokens[:, 3:], cache=cache.copy(), attention_mask=torch.ones(2, 4))
         assert counting.blocks == len(model.model.layers)

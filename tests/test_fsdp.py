@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,8 +19,21 @@ DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
 
 def accelerate_launch(launch_options: list[str], script: str, script_options: list[str], cwd):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [accelerate, "launch", *launch_options, "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", script, *script_options]
+    command = [
+        accelerate,
+        "launch",
+        *launch_options,
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        *script_options,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))
 
@@ -31,15 +45,31 @@ def load_fsdp_check():
     return module
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_fsdp_processes_end_with_the_weights_of_one_process(tmp_path):
-    options = ["--model", DEFAULT_MODEL, "--steps", "3", "--batch_size", "4", "--seq_len", "48",
-               "--learning_rate", "0.02", "--seed", "3"]
+    options = [
+        "--model",
+        DEFAULT_MODEL,
+        "--steps",
+        "3",
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "48",
+        "--learning_rate",
+        "0.02",
+        "--seed",
+        "3",
+    ]
     result = accelerate_launch(["--multi_gpu"], SCRIPT, [*options, "--output_dir", str(tmp_path / "fsdp")], tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     with open(tmp_path / "fsdp" / "report.json") as handle:
         report = json.load(handle)
     assert report["world_size"] == 2 and report["fsdp_units"] == 5  # 4 blocks + the root
-    assert all(0.4 < fraction < 0.6 for fraction in report["parameter_fraction_per_process"])  # sharded, not replicated
+    assert all(
+        0.4 < fraction < 0.6 for fraction in report["parameter_fraction_per_process"]
+    )  # sharded, not replicated
 
     fsdp_check = load_fsdp_check()
     initial = fsdp_check.build_model(fsdp_check.parse_args([*options, "--output_dir", "unused"])).state_dict()
@@ -53,7 +83,9 @@ def test_two_fsdp_processes_end_with_the_weights_of_one_process(tmp_path):
         single_report = json.load(handle)
     assert single_report["world_size"] == 1
     # float32 rounding apart: each process measures its own WKV chunk size, and a near-tie may still split them
-    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(single_report["losses"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(report["losses"]), torch.tensor(single_report["losses"]), rtol=1e-5, atol=1e-5
+    )
     assert len(set(report["losses"])) == 3  # each step's loss reads the weights the step before wrote
 
     sharded, single = (load_file(tmp_path / name / "model.safetensors") for name in ("fsdp", "single"))
@@ -65,15 +97,32 @@ def test_two_fsdp_processes_end_with_the_weights_of_one_process(tmp_path):
         torch.testing.assert_close(sharded[name], weight, rtol=0, atol=5e-5, msg=name)  # changes are > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_script_refuses_fsdp_that_accelerate_turns_into_ddp_on_cpu(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "head_dim": 16, "vocab_size": 65536}))
     data = tmp_path / "text.jsonl"
     data.write_text(json.dumps({"text": "To be, or not to be, that is the question."}) + "\n")
     launch = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_transformer_layer_cls_to_wrap", "RWKV7Block"]
-    options = ["--config", str(config), "--data", str(data), "--block_size", "8", "--max_steps", "1", "--use_cpu",
-               "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    options = [
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--block_size",
+        "8",
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     result = accelerate_launch(launch, os.path.join(REPO, "scripts", "train.py"), options, tmp_path)
     assert result.returncode != 0
-    assert "FSDP was asked for, but accelerate" in result.stderr and "MULTI_CPU" in result.stderr, result.stderr[-3000:]
+    assert "FSDP was asked for, but accelerate" in result.stderr and "MULTI_CPU" in result.stderr, result.stderr[
+        -3000:
+    ]
     assert not (tmp_path / "out" / "model.safetensors").exists()

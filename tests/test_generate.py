@@ -45,9 +45,11 @@ def test_a_subclass_with_any_name_generates_like_the_base_class():
     torch.manual_seed(5)
     sampled = goose.generate(prompt, attention_mask=mask, do_sample=True, max_new_tokens=10, min_new_tokens=10)
     torch.manual_seed(5)
-    assert torch.equal(sampled, base.generate(prompt, attention_mask=mask, do_sample=True, max_new_tokens=10, min_new_tokens=10))
+    assert torch.equal(
+        sampled, base.generate(prompt, attention_mask=mask, do_sample=True, max_new_tokens=10, min_new_tokens=10)
+    )
     out = goose.generate(prompt, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, RWKV7Cache)
+    assert isinstance(out.cache, RWKV7Cache)
 
 
 def test_a_warm_cache_with_an_input_that_cannot_extend_it_is_refused():
@@ -55,16 +57,16 @@ def test_a_warm_cache_with_an_input_that_cannot_extend_it_is_refused():
     prompt = tokens(1, 8, seed=2)
     cache = model.init_cache(1)
     with torch.no_grad():
-        model(prompt, past_key_values=cache)
+        model(prompt, cache=cache)
     for short in (prompt[:, :5], prompt):  # shorter than, and as long as, what the cache has seen
-        with pytest.raises(ValueError, match=r"past_key_values has already seen 8 tokens.*Pass the full ids"):
-            model.generate(short, past_key_values=cache, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"cache has already seen 8 tokens.*Pass the full ids"):
+            model.generate(short, cache=cache, max_new_tokens=2)
     assert cache.get_seq_length() == 8  # refused before anything was fed
 
     # the full ids continue the cache: the same as generating from scratch
     full = torch.cat([prompt, tokens(1, 3, seed=3)], dim=1)
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert torch.equal(model.generate(full, past_key_values=cache.copy(), **settings), model.generate(full, **settings))
+    assert torch.equal(model.generate(full, cache=cache.copy(), **settings), model.generate(full, **settings))
 
 
 def test_empty_input_and_unknown_arguments_are_refused_by_name():
@@ -91,7 +93,9 @@ def test_cu_seq_lens_mark_documents_like_position_ids():
     labels = packed.clone()
     with torch.no_grad():
         by_positions = model(packed, position_ids=position_ids, labels=labels)
-        by_cu = model(packed, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=9, max_length_k=9, labels=labels)
+        by_cu = model(
+            packed, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=9, max_length_k=9, labels=labels
+        )
         by_seq_idx = model(packed, seq_idx=torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))[None])
         alone = torch.cat([model(doc).logits for doc in documents], dim=1)
     torch.testing.assert_close(by_cu.logits, by_positions.logits, rtol=0, atol=0)
@@ -117,13 +121,15 @@ def test_the_state_is_written_in_place_and_copies_are_independent():
     cache = model.init_cache(2)
     addresses = [t.data_ptr() for layer in cache.layers for t in layer.tensors().values()]
     with torch.no_grad():
-        model(tokens(2, 40, seed=5), past_key_values=cache)  # chunked prefill
+        model(tokens(2, 40, seed=5), cache=cache)  # chunked prefill
         snapshot = cache.copy()
         before = [t.clone() for layer in snapshot.layers for t in layer.tensors().values()]
-        model(tokens(2, 1, seed=6), past_key_values=cache)  # a decoding step
+        model(tokens(2, 1, seed=6), cache=cache)  # a decoding step
         cache.reorder_cache(torch.tensor([1, 1]))
     assert [t.data_ptr() for layer in cache.layers for t in layer.tensors().values()] == addresses
-    assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in snapshot.layers for t in layer.tensors().values())))
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, (t for layer in snapshot.layers for t in layer.tensors().values()))
+    )
     assert snapshot.get_seq_length() == 40 and cache.get_seq_length() == 41
     assert torch.equal(cache.layers[0].recurrent_state[0], cache.layers[0].recurrent_state[1])
 
@@ -154,8 +160,8 @@ def test_a_half_precision_wkv_state_halves_its_memory_and_stays_close(state_dtyp
     assert reference_cache.nbytes - cache.nbytes == 2 * recurrent_bytes
     ids = tokens(1, 64, seed=9)
     with torch.no_grad():
-        logits = torch.cat([model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(64)], dim=1)
-        expected = torch.cat([reference(ids[:, t : t + 1], past_key_values=reference_cache).logits for t in range(64)], dim=1)
+        logits = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(64)], dim=1)
+        expected = torch.cat([reference(ids[:, t : t + 1], cache=reference_cache).logits for t in range(64)], dim=1)
     assert cache.layers[0].recurrent_state.dtype == dtype  # written back in its own dtype
     drift = ((logits - expected).abs().max() / expected.abs().max()).item()
     assert 0 < drift < 2e-2, drift

@@ -17,7 +17,7 @@ from gguf import GGUFReader
 
 import modeling_rwkv7  # noqa: F401
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from modeling_rwkv7.convert_rwkv7 import official_to_hf
+from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("export_gguf", REPO / "scripts" / "export_gguf.py")
@@ -32,32 +32,54 @@ def loader_dims(config: RWKV7Config) -> dict[str, tuple[int, ...]]:
     """Every tensor llama.cpp's RWKV-7 loader creates (src/models/rwkv7.cpp, `load_arch_tensors`), with the ggml
     dims (ne, innermost first) it requires."""
     C, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
-    d_w, d_a, d_v, d_g = config.decay_low_rank_dim, config.a_low_rank_dim, config.v_low_rank_dim, config.gate_low_rank_dim
+    d_w, d_a, d_v, d_g = (
+        config.decay_low_rank_dim,
+        config.a_low_rank_dim,
+        config.v_low_rank_dim,
+        config.gate_low_rank_dim,
+    )
     dims = {
         "token_embd.weight": (C, V),
-        "token_embd_norm.weight": (C,), "token_embd_norm.bias": (C,),
-        "output_norm.weight": (C,), "output_norm.bias": (C,),
+        "token_embd_norm.weight": (C,),
+        "token_embd_norm.bias": (C,),
+        "output_norm.weight": (C,),
+        "output_norm.bias": (C,),
         "output.weight": (C, V),
     }
     for i in range(config.num_hidden_layers):
         d_value = d_a if i == 0 else d_v  # layer 0's unused v1/v2 are created with the a rank
-        dims.update({
-            f"blk.{i}.attn_norm.weight": (C,), f"blk.{i}.attn_norm.bias": (C,),
-            f"blk.{i}.attn_norm_2.weight": (C,), f"blk.{i}.attn_norm_2.bias": (C,),
-            f"blk.{i}.time_mix_w0.weight": (C,), f"blk.{i}.time_mix_w1.weight": (C, d_w), f"blk.{i}.time_mix_w2.weight": (d_w, C),
-            f"blk.{i}.time_mix_a0.weight": (C,), f"blk.{i}.time_mix_a1.weight": (C, d_a), f"blk.{i}.time_mix_a2.weight": (d_a, C),
-            f"blk.{i}.time_mix_v0.weight": (C,), f"blk.{i}.time_mix_v1.weight": (C, d_value),
-            f"blk.{i}.time_mix_v2.weight": (d_value, C),
-            f"blk.{i}.time_mix_g1.weight": (C, d_g), f"blk.{i}.time_mix_g2.weight": (d_g, C),
-            f"blk.{i}.time_mix_lerp_fused.weight": (C, 1, 1, 6),
-            f"blk.{i}.time_mix_k_k.weight": (C,), f"blk.{i}.time_mix_k_a.weight": (C,), f"blk.{i}.time_mix_r_k.weight": (C,),
-            f"blk.{i}.time_mix_key.weight": (C, C), f"blk.{i}.time_mix_value.weight": (C, C),
-            f"blk.{i}.time_mix_receptance.weight": (C, C),
-            f"blk.{i}.time_mix_ln.weight": (C,), f"blk.{i}.time_mix_ln.bias": (C,),
-            f"blk.{i}.time_mix_output.weight": (C, C),
-            f"blk.{i}.channel_mix_lerp_k.weight": (C, 1, 1),
-            f"blk.{i}.channel_mix_key.weight": (C, F), f"blk.{i}.channel_mix_value.weight": (F, C),
-        })
+        dims.update(
+            {
+                f"blk.{i}.attn_norm.weight": (C,),
+                f"blk.{i}.attn_norm.bias": (C,),
+                f"blk.{i}.attn_norm_2.weight": (C,),
+                f"blk.{i}.attn_norm_2.bias": (C,),
+                f"blk.{i}.time_mix_w0.weight": (C,),
+                f"blk.{i}.time_mix_w1.weight": (C, d_w),
+                f"blk.{i}.time_mix_w2.weight": (d_w, C),
+                f"blk.{i}.time_mix_a0.weight": (C,),
+                f"blk.{i}.time_mix_a1.weight": (C, d_a),
+                f"blk.{i}.time_mix_a2.weight": (d_a, C),
+                f"blk.{i}.time_mix_v0.weight": (C,),
+                f"blk.{i}.time_mix_v1.weight": (C, d_value),
+                f"blk.{i}.time_mix_v2.weight": (d_value, C),
+                f"blk.{i}.time_mix_g1.weight": (C, d_g),
+                f"blk.{i}.time_mix_g2.weight": (d_g, C),
+                f"blk.{i}.time_mix_lerp_fused.weight": (C, 1, 1, 6),
+                f"blk.{i}.time_mix_k_k.weight": (C,),
+                f"blk.{i}.time_mix_k_a.weight": (C,),
+                f"blk.{i}.time_mix_r_k.weight": (C,),
+                f"blk.{i}.time_mix_key.weight": (C, C),
+                f"blk.{i}.time_mix_value.weight": (C, C),
+                f"blk.{i}.time_mix_receptance.weight": (C, C),
+                f"blk.{i}.time_mix_ln.weight": (C,),
+                f"blk.{i}.time_mix_ln.bias": (C,),
+                f"blk.{i}.time_mix_output.weight": (C, C),
+                f"blk.{i}.channel_mix_lerp_k.weight": (C, 1, 1),
+                f"blk.{i}.channel_mix_key.weight": (C, F),
+                f"blk.{i}.channel_mix_value.weight": (F, C),
+            }
+        )
     return dims
 
 
@@ -65,11 +87,26 @@ def converter_values(official: dict[str, torch.Tensor]) -> dict[str, np.ndarray]
     """What llama.cpp's convert_hf_to_gguf.py (`Rwkv7Model.modify_tensors`) writes for official-layout weights: the
     LoRA factors transposed, vectors squeezed, r_k flattened, the six token-shift mixes stacked, layer 0's v0/v1/v2
     copied from a0/a1/a2, the head as `output`."""
-    top = {"emb.weight": "token_embd", "blocks.0.ln0.weight": "token_embd_norm", "blocks.0.ln0.bias": "token_embd_norm",
-           "ln_out.weight": "output_norm", "ln_out.bias": "output_norm", "head.weight": "output"}
-    names = {"ln1": "attn_norm", "ln2": "attn_norm_2", "att.ln_x": "time_mix_ln", "att.receptance": "time_mix_receptance",
-             "att.key": "time_mix_key", "att.value": "time_mix_value", "att.output": "time_mix_output",
-             "ffn.key": "channel_mix_key", "ffn.value": "channel_mix_value", "ffn.x_k": "channel_mix_lerp_k"}
+    top = {
+        "emb.weight": "token_embd",
+        "blocks.0.ln0.weight": "token_embd_norm",
+        "blocks.0.ln0.bias": "token_embd_norm",
+        "ln_out.weight": "output_norm",
+        "ln_out.bias": "output_norm",
+        "head.weight": "output",
+    }
+    names = {
+        "ln1": "attn_norm",
+        "ln2": "attn_norm_2",
+        "att.ln_x": "time_mix_ln",
+        "att.receptance": "time_mix_receptance",
+        "att.key": "time_mix_key",
+        "att.value": "time_mix_value",
+        "att.output": "time_mix_output",
+        "ffn.key": "channel_mix_key",
+        "ffn.value": "channel_mix_value",
+        "ffn.x_k": "channel_mix_lerp_k",
+    }
     values = {}
     for name, tensor in official.items():
         if name in top:
@@ -107,8 +144,10 @@ def read(path) -> tuple[dict[str, object], dict]:
 def llama_cpp_logits(tensors: dict, fields: dict, tokens: list[int]) -> np.ndarray:
     """llama.cpp's RWKV-7 graph (src/models/rwkv7.cpp, graph/rwkv7-base.cpp) in float64 numpy, on the GGUF tensors.
     `ggml_mul_mat(W, x)` with W of ne {in, out} is `x @ W.T` on the stored `[out, in]` array."""
-    t = {name: np.asarray(tensor.data, dtype=np.float64).reshape(tuple(int(d) for d in tensor.shape[::-1]))
-         for name, tensor in tensors.items()}
+    t = {
+        name: np.asarray(tensor.data, dtype=np.float64).reshape(tuple(int(d) for d in tensor.shape[::-1]))
+        for name, tensor in tensors.items()
+    }
     eps, N = fields["rwkv7.attention.layer_norm_epsilon"], fields["rwkv7.wkv.head_size"]
     sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
 
@@ -128,14 +167,21 @@ def llama_cpp_logits(tensors: dict, fields: dict, tokens: list[int]) -> np.ndarr
         att = norm(x, p + "attn_norm")
         xr, xw, xk, xv, xa, xg = att + (shifted(att) - att) * t[p + "time_mix_lerp_fused.weight"].reshape(6, 1, C)
         r = xr @ t[p + "time_mix_receptance.weight"].T
-        w = np.exp(-0.606531 * sigmoid(np.tanh(xw @ t[p + "time_mix_w1.weight"].T) @ t[p + "time_mix_w2.weight"].T
-                                       + t[p + "time_mix_w0.weight"]))
+        w = np.exp(
+            -0.606531
+            * sigmoid(
+                np.tanh(xw @ t[p + "time_mix_w1.weight"].T) @ t[p + "time_mix_w2.weight"].T
+                + t[p + "time_mix_w0.weight"]
+            )
+        )
         k = xk @ t[p + "time_mix_key.weight"].T
         v = xv @ t[p + "time_mix_value.weight"].T
         if v_first is None:
             v_first = v
         else:
-            mix = sigmoid(xv @ t[p + "time_mix_v1.weight"].T @ t[p + "time_mix_v2.weight"].T + t[p + "time_mix_v0.weight"])
+            mix = sigmoid(
+                xv @ t[p + "time_mix_v1.weight"].T @ t[p + "time_mix_v2.weight"].T + t[p + "time_mix_v0.weight"]
+            )
             v = v + (v_first - v) * mix
         g = sigmoid(xg @ t[p + "time_mix_g1.weight"].T) @ t[p + "time_mix_g2.weight"].T
         a = sigmoid(xa @ t[p + "time_mix_a1.weight"].T @ t[p + "time_mix_a2.weight"].T + t[p + "time_mix_a0.weight"])
@@ -147,7 +193,11 @@ def llama_cpp_logits(tensors: dict, fields: dict, tokens: list[int]) -> np.ndarr
         state, out = np.zeros((H, N, N)), np.zeros((T, H, N))  # state[h, value, key]
         for step in range(T):
             sa = np.einsum("hvk,hk->hv", state, ah[step])
-            state = state * wh[step][:, None, :] + sa[:, :, None] * bh[step][:, None, :] + vh[step][:, :, None] * kh[step][:, None, :]
+            state = (
+                state * wh[step][:, None, :]
+                + sa[:, :, None] * bh[step][:, None, :]
+                + vh[step][:, :, None] * kh[step][:, None, :]
+            )
             out[step] = np.einsum("hvk,hk->hv", state, rh[step])
         out = (out - out.mean(-1, keepdims=True)) / np.sqrt(out.var(-1, keepdims=True) + 64e-5)
         y = out.reshape(T, C) * t[p + "time_mix_ln.weight"] + t[p + "time_mix_ln.bias"]
@@ -177,6 +227,7 @@ def world_model(tmp_path_factory):
     return official, folder / "saved", tokens, expected.numpy()
 
 
+@pytest.mark.slow
 def test_export_matches_llama_cpp_layout_and_computes_the_model(world_model, tmp_path):
     official, saved, tokens, expected = world_model
     assert not (saved / "rwkv_vocab_v20230424.txt").exists()  # what made llama.cpp's converter assert
@@ -186,14 +237,32 @@ def test_export_matches_llama_cpp_layout_and_computes_the_model(world_model, tmp
     config = RWKV7Config.from_pretrained(saved)
 
     assert fields["general.architecture"] == "rwkv7"
-    assert {key: fields[f"rwkv7.{key}"] for key in (
-        "embedding_length", "block_count", "wkv.head_size", "attention.decay_lora_rank", "attention.iclr_lora_rank",
-        "attention.value_residual_mix_lora_rank", "attention.gate_lora_rank", "feed_forward_length",
-        "token_shift_count", "attention.head_count",
-    )} == {"embedding_length": C, "block_count": LAYERS, "wkv.head_size": N, "attention.decay_lora_rank": RANKS[0],
-           "attention.iclr_lora_rank": RANKS[1], "attention.value_residual_mix_lora_rank": RANKS[2],
-           "attention.gate_lora_rank": RANKS[3], "feed_forward_length": 4 * C, "token_shift_count": 2,
-           "attention.head_count": 0}
+    assert {
+        key: fields[f"rwkv7.{key}"]
+        for key in (
+            "embedding_length",
+            "block_count",
+            "wkv.head_size",
+            "attention.decay_lora_rank",
+            "attention.iclr_lora_rank",
+            "attention.value_residual_mix_lora_rank",
+            "attention.gate_lora_rank",
+            "feed_forward_length",
+            "token_shift_count",
+            "attention.head_count",
+        )
+    } == {
+        "embedding_length": C,
+        "block_count": LAYERS,
+        "wkv.head_size": N,
+        "attention.decay_lora_rank": RANKS[0],
+        "attention.iclr_lora_rank": RANKS[1],
+        "attention.value_residual_mix_lora_rank": RANKS[2],
+        "attention.gate_lora_rank": RANKS[3],
+        "feed_forward_length": 4 * C,
+        "token_shift_count": 2,
+        "attention.head_count": 0,
+    }
     assert fields["rwkv7.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
 
     # names: exactly the loader's tensors, each a name of gguf's RWKV7 layout
@@ -216,10 +285,10 @@ def test_export_matches_llama_cpp_layout_and_computes_the_model(world_model, tmp
     np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_export_carries_the_world_vocabulary(world_model, tmp_path):
-    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-
     import rwkv
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
     path = export_gguf.export_gguf(world_model[1], tmp_path / "model.gguf")
     reader = GGUFReader(path)
@@ -241,6 +310,7 @@ def test_export_carries_the_world_vocabulary(world_model, tmp_path):
     assert reader.get_field("tokenizer.chat_template").contents() == "rwkv-world"
 
 
+@pytest.mark.slow
 def test_bf16_export_and_tied_embeddings(world_model, tmp_path):
     official, saved, _, _ = world_model
     config, state_dict = official_to_hf(official)
@@ -252,8 +322,17 @@ def test_bf16_export_and_tied_embeddings(world_model, tmp_path):
     fields, tensors = read(export_gguf.export_gguf(tied, tmp_path / "tied.gguf", outtype="bf16"))
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
     big = {"token_embd.weight", "output.weight"} | {
-        f"blk.{i}.{m}.weight" for i in range(LAYERS) for m in (
-            "time_mix_key", "time_mix_value", "time_mix_receptance", "time_mix_output", "channel_mix_key", "channel_mix_value")}
+        f"blk.{i}.{m}.weight"
+        for i in range(LAYERS)
+        for m in (
+            "time_mix_key",
+            "time_mix_value",
+            "time_mix_receptance",
+            "time_mix_output",
+            "channel_mix_key",
+            "channel_mix_value",
+        )
+    }
     for name, tensor in tensors.items():
         expected_type = gguf.GGMLQuantizationType.BF16 if name in big else gguf.GGMLQuantizationType.F32
         assert tensor.tensor_type == expected_type, name
@@ -280,6 +359,7 @@ def test_what_llama_cpp_cannot_hold_is_refused_without_a_file(tmp_path, changes,
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_unknown_outtype(world_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_gguf.main([str(world_model[1]), str(tmp_path / "x.gguf"), "--outtype", "q4"])

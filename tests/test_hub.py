@@ -16,15 +16,15 @@ import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_rwkv7  # noqa: F401  (registers rwkv7 with the Auto classes)
 from modeling_rwkv7 import RWKV7ForCausalLM
-from modeling_rwkv7.convert_rwkv7 import convert_checkpoint
+from modeling_rwkv7.convert_rwkv7_checkpoint_to_hf import convert_checkpoint
 from modeling_rwkv7.tokenization_rwkv7 import RWKV7Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-TEXT = "RWKV-7 \"Goose\" reads 中文 and emoji 🪿 too.\n\nUser: hi"
+TEXT = 'RWKV-7 "Goose" reads 中文 and emoji 🪿 too.\n\nUser: hi'
 
 # Runs with `python -I -S`: no user site, no .pth files (so no editable-install finder), no repository on the path;
 # only site-packages (argv[1]) is added back.
@@ -76,6 +76,8 @@ def load_push_script():
     return module
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_folders_load_where_the_package_is_not_installed(world_folder, tmp_path):
     # a folder written by save_pretrained (model and tokenizer) must be as self-contained as the converter's
     saved = tmp_path / "saved"
@@ -112,7 +114,8 @@ def test_folders_load_where_the_package_is_not_installed(world_folder, tmp_path)
         assert result["model_class"].startswith("transformers_modules.") and result["model_class"].endswith(
             "modeling_rwkv7.RWKV7ForCausalLM"
         )
-        assert result["tokenizer_class"].endswith("tokenization_rwkv7.RWKV7Tokenizer")
+        expected_class = "RWKV7TokenizerFast" if folder == world_folder else "RWKV7Tokenizer"  # converter: fast
+        assert result["tokenizer_class"].endswith("tokenization_rwkv7." + expected_class)
         assert result["ids"] == expected_ids and result["decoded"] == TEXT
         torch.testing.assert_close(result["logits"], expected_logits, rtol=0, atol=1e-5)
 
@@ -147,14 +150,20 @@ def test_push_uploads_the_folder_with_a_parseable_card(world_folder, tmp_path):
     benchmarks.write_text(json.dumps(BENCHMARKS))
     create_repo, create_commit, uploads = fake_hub()
     with create_repo as repo_mock, create_commit as commit_mock:
-        push_to_hub.main([str(world_folder), "me/rwkv7-tiny", "--private", "--benchmarks", str(benchmarks)])
+        push_to_hub.main([str(world_folder), "me/rwkv7-tiny", "--benchmarks", str(benchmarks)])
     assert repo_mock.call_count == 1 and commit_mock.call_count == 1
     assert repo_mock.call_args.args[1] == "me/rwkv7-tiny"
     assert repo_mock.call_args.kwargs["private"] is True and repo_mock.call_args.kwargs["exist_ok"] is True
 
     local_files = {name for name in os.listdir(world_folder)}
     assert set(uploads) == local_files
-    expected = {"config.json", "model.safetensors", "modeling_rwkv7.py", "tokenizer_config.json", "tokenization_rwkv7.py"}
+    expected = {
+        "config.json",
+        "model.safetensors",
+        "modeling_rwkv7.py",
+        "tokenizer_config.json",
+        "tokenization_rwkv7.py",
+    }
     assert expected <= set(uploads)
     for name in local_files - {"README.md"}:
         assert uploads[name] == (world_folder / name).read_bytes(), name

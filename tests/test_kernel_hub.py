@@ -8,7 +8,10 @@
   and a tampered download is refused.
 - `kernels.kernelize` with a `LocalLayerRepository` swaps the model's WKV layer for the kernel's `layers.RWKV7WKV`;
   the fla mapping (`FlaWKVRepository`) converts the layouts of fla's `chunk_rwkv7` (a stand-in computing fla's
-  convention with the reference recurrence, since Triton needs a GPU).
+  convention with the reference recurrence).
+- transformers' own route, `from_pretrained(..., use_kernels=True, kernel_config=KernelConfig(...))`, runs the
+  kernel layer from a local build or from a Hub repository pinned to a commit; a Hub entry without a commit pin is
+  refused before anything is fetched, and a plain `from_pretrained` kernelizes nothing and logs nothing.
 """
 
 import importlib.util
@@ -20,14 +23,15 @@ import sys
 import types
 from pathlib import Path
 
-import kernels
+import oracle
 import pytest
 import torch
+from transformers import KernelConfig
 
-import oracle
+import kernels
 from modeling_rwkv7 import RWKV7ForCausalLM, wkv_kernel
 from modeling_rwkv7 import wkv as wkv_module
-from modeling_rwkv7.convert_rwkv7 import official_to_hf
+from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
 from modeling_rwkv7.wkv import select_wkv_backend, wkv7_recurrent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,15 +39,22 @@ KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
 CHECKPOINT_REPO = "someone-else/rwkv7-wkv"  # what a downloaded config.json names
 TRUSTED_REPO = "me/rwkv7-wkv"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-FETCH_FUNCTIONS = ("get_kernel", "install_kernel", "get_locked_kernel", "load_kernel", "has_kernel",
-                   "get_kernel_variants")
+FETCH_FUNCTIONS = (
+    "get_kernel",
+    "install_kernel",
+    "get_locked_kernel",
+    "load_kernel",
+    "has_kernel",
+    "get_kernel_variants",
+)
 
 
 @pytest.fixture(scope="module")
 def cpu_variant() -> Path:
     """The CPU build's directory (built, or found up to date, by scripts/build_kernel.py)."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_kernel.py")], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_kernel.py")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return KERNEL_DIR / "build" / re.search(r"rwkv7_wkv/build/(torch\S+-cpu-\S+?)[:\s]", result.stdout).group(1)
 
@@ -107,7 +118,9 @@ def test_a_checkpoint_naming_a_kernel_repo_runs_without_fetching(clean_loader, m
     with torch.no_grad(), caplog.at_level(logging.WARNING):
         # what "auto" picks for CUDA tensors on this machine: the chunked form, the checkpoint's repo refused
         assert select_wkv_backend("auto", ids.shape[1], torch.device("cuda"), model.config.kernel_repo) == (
-            "chunked", None)
+            "chunked",
+            None,
+        )
         logits = model(ids).logits
         expected = random_model(1, wkv_backend="recurrent")(ids).logits
     assert max_relative_error(logits, expected) < 1e-4
@@ -147,10 +160,13 @@ def fake_download(clean_loader, monkeypatch, cpu_variant):
 
 
 @pytest.mark.parametrize("opt_in", ["function", "environment"])
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_opt_in_fetches_the_pinned_commit(fake_download, monkeypatch, caplog, opt_in):
     calls, _ = fake_download
     if opt_in == "function":
-        assert wkv_kernel.trust_hub_kernel(TRUSTED_REPO, COMMIT.upper()) == (TRUSTED_REPO, COMMIT)
+        assert wkv_kernel.trust_hub_kernel(TRUSTED_REPO, COMMIT.upper()) == (TRUSTED_REPO, COMMIT, False)
     else:
         monkeypatch.setenv(wkv_kernel.HUB_KERNEL_ENV, f"{TRUSTED_REPO}@{COMMIT}")
     model = random_model(4, kernel_repo=CHECKPOINT_REPO, wkv_backend="kernel")
@@ -159,13 +175,21 @@ def test_opt_in_fetches_the_pinned_commit(fake_download, monkeypatch, caplog, op
         logits = model(ids).logits  # every layer through the "downloaded" kernel
         expected = random_model(4, wkv_backend="recurrent")(ids).logits
     assert max_relative_error(logits, expected) < 1e-4
-    assert calls == [(TRUSTED_REPO, {"revision": COMMIT, "trust_remote_code": [TRUSTED_REPO],
-                                     "local_files_only": wkv_kernel._hub_offline()})]  # once, for every layer
+    assert calls == [
+        (
+            TRUSTED_REPO,
+            {"revision": COMMIT, "trust_remote_code": [TRUSTED_REPO], "local_files_only": wkv_kernel._hub_offline()},
+        )
+    ]  # once, for every layer
     assert [m for m in warnings_of(caplog) if CHECKPOINT_REPO in m] == [
         f"RWKV-7 WKV: the checkpoint's kernel_repo {CHECKPOINT_REPO!r} is ignored; the trusted Hub kernel is "
-        f"{TRUSTED_REPO}@{COMMIT}"]
+        f"{TRUSTED_REPO}@{COMMIT}"
+    ]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_a_download_that_does_not_match_its_digest_is_not_imported(fake_download, monkeypatch, tmp_path, caplog):
     calls, served = fake_download
     tampered = tmp_path / served["variant"].name
@@ -205,6 +229,9 @@ def forbid_the_eager_wkv(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["INFERENCE", "TRAINING"])
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_kernelize_swaps_in_the_kernel_layer(clean_loader, monkeypatch, cpu_variant, mode):
     model = random_model(6, wkv_backend="recurrent").train(mode == "TRAINING")
     reference = random_model(6, wkv_backend="recurrent").train(mode == "TRAINING")
@@ -258,8 +285,8 @@ def test_the_fla_mapping_converts_layouts(clean_loader, monkeypatch):
     with torch.no_grad():
         expected_logits = model(ids).logits
         cache = model.init_cache(batch_size=2)
-        model(ids[:, :13], past_key_values=cache)  # leaves a non-zero state for the continuation below
-        expected_continuation = model(ids[:, 13:], past_key_values=cache).logits
+        model(ids[:, :13], cache=cache)  # leaves a non-zero state for the continuation below
+        expected_continuation = model(ids[:, 13:], cache=cache).logits
     with kernels.use_kernel_mapping({"RWKV7WKV": {"cpu": repository}}, inherit_mapping=False):
         kernels.kernelize(model, mode=kernels.Mode.INFERENCE, device="cpu")
     assert fetched == [wkv_kernel.HubKernel("kernels-community/fla", COMMIT)]
@@ -267,8 +294,8 @@ def test_the_fla_mapping_converts_layouts(clean_loader, monkeypatch):
     with torch.no_grad():
         assert max_relative_error(model(ids).logits, expected_logits) < 1e-4
         cache = model.init_cache(batch_size=2)
-        model(ids[:, :13], past_key_values=cache)
-        assert max_relative_error(model(ids[:, 13:], past_key_values=cache).logits, expected_continuation) < 1e-4
+        model(ids[:, :13], cache=cache)
+        assert max_relative_error(model(ids[:, 13:], cache=cache).logits, expected_continuation) < 1e-4
 
         x = torch.randn(1, 4, 2, 64)
         with pytest.raises(ValueError, match="fla's chunk_rwkv7 takes no reset mask"):
@@ -277,6 +304,10 @@ def test_the_fla_mapping_converts_layouts(clean_loader, monkeypatch):
         wkv_kernel.FlaWKVRepository(revision="v2")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
+@pytest.mark.compile
 def test_the_kernel_layer_compiles_as_one_graph(clean_loader, cpu_variant):
     """Mode.TORCH_COMPILE is accepted (`can_torch_compile`): the kernelized layer traces whole, backward included."""
     model = random_model(10, wkv_backend="recurrent")
@@ -294,3 +325,104 @@ def test_the_kernel_layer_compiles_as_one_graph(clean_loader, cpu_variant):
         gradients.append([y.detach(), final_state.detach()] + [x.grad for x in leaves])
     for actual, expected in zip(*gradients):
         assert max_relative_error(actual, expected) < 1e-4
+
+
+# --- transformers' own route: from_pretrained(..., use_kernels=True, kernel_config=KernelConfig(...)) -------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A folder holding `random_model(12)`."""
+    path = tmp_path_factory.mktemp("rwkv7")
+    random_model(12).save_pretrained(path)
+    return path
+
+
+def runs_the_kernel_layer(model, layer) -> bool:
+    return all(block.attn.wkv.forward.__func__ is layer.forward for block in model.model.layers)
+
+
+@pytest.mark.parametrize("per_device", [False, True])
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
+def test_from_pretrained_with_a_local_kernel_config(clean_loader, monkeypatch, cpu_variant, saved_model, per_device):
+    source = f"{KERNEL_DIR}:RWKV7WKV"
+    kernel_config = KernelConfig({"RWKV7WKV": {"cpu": source} if per_device else source}, use_local_kernel=True)
+    model = RWKV7ForCausalLM.from_pretrained(saved_model, use_kernels=True, kernel_config=kernel_config)
+    reference = random_model(12, wkv_backend="recurrent")
+    layer = kernels.get_local_kernel(KERNEL_DIR, backend="cpu").layers.RWKV7WKV
+    assert model.use_kernels and model.kernels_mode == kernels.Mode.INFERENCE and runs_the_kernel_layer(model, layer)
+    ids = tokens(13, seq_len=29)
+    forbid_the_eager_wkv(monkeypatch)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.train()  # transformers kernelizes again, for training
+    assert model.kernels_mode == kernels.Mode.TRAINING and runs_the_kernel_layer(model, layer)
+    train_logits = model(ids).logits
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert max_relative_error(logits, reference(ids).logits) < 1e-4
+    expected = reference.train()(ids).logits
+    assert max_relative_error(train_logits, expected) < 1e-4
+    train_logits.square().mean().backward()
+    expected.square().mean().backward()
+    for (name, param), reference_param in zip(model.named_parameters(), reference.parameters()):
+        assert max_relative_error(param.grad, reference_param.grad) < 1e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
+def test_from_pretrained_with_a_pinned_hub_kernel_config(clean_loader, monkeypatch, cpu_variant, saved_model):
+    """The mapping carries the commit to `kernels` (whose fetch is patched to hand over this machine's build)."""
+    requests = []
+
+    def get_kernel(repo_id, **kwargs):
+        requests.append((repo_id, kwargs["revision"], kwargs["version"], kwargs["trust_remote_code"]))
+        return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
+
+    monkeypatch.setattr(sys.modules[kernels.LayerRepository.__module__], "get_kernel", get_kernel)
+    entry = (f"{TRUSTED_REPO}:RWKV7WKV", {"revision": COMMIT, "trust_remote_code": True})
+    kernel_config = KernelConfig({"RWKV7WKV": entry})
+    model = RWKV7ForCausalLM.from_pretrained(saved_model, use_kernels=True, kernel_config=kernel_config)
+    assert requests and set(requests) == {(TRUSTED_REPO, COMMIT, None, True)}
+    assert runs_the_kernel_layer(model, kernels.get_local_kernel(KERNEL_DIR, backend="cpu").layers.RWKV7WKV)
+    ids = tokens(14, seq_len=23)
+    with torch.no_grad():
+        assert max_relative_error(model(ids).logits, random_model(12, wkv_backend="recurrent")(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"RWKV7WKV": f"{TRUSTED_REPO}:RWKV7WKV"}, "does not pin me/rwkv7-wkv to a commit"),
+        ({"RWKV7WKV": (f"{TRUSTED_REPO}:RWKV7WKV", {"version": 1})}, "does not pin me/rwkv7-wkv to a commit"),
+        (
+            {"RWKV7WKV": {"cuda": (f"{TRUSTED_REPO}:RWKV7WKV", {"revision": "main"})}},
+            "revision 'main' of me/rwkv7-wkv is not a full commit hash",
+        ),
+        ({"RWKV7WKV": f"{KERNEL_DIR}:RWKV7WKV"}, "is not a Hub repository id .*use_local_kernel=True"),
+        (
+            {"RWKV7WKV": (f"{TRUSTED_REPO}:SiluAndMul", {"revision": COMMIT})},
+            "is not one source of the layer 'RWKV7WKV'",
+        ),
+        ({"RMSNorm": f"{TRUSTED_REPO}:RMSNorm"}, r"maps \['RMSNorm'\]; RWKV-7 has one hub layer, 'RWKV7WKV'"),
+    ],
+)
+def test_a_kernel_config_without_a_commit_pin_fetches_nothing(
+    clean_loader, monkeypatch, saved_model, mapping, message
+):
+    monkeypatch.setattr(kernels.LayerRepository, "load", lambda self: pytest.fail("a Hub kernel was fetched"))
+    with pytest.raises(ValueError, match=message):
+        RWKV7ForCausalLM.from_pretrained(saved_model, use_kernels=True, kernel_config=KernelConfig(mapping))
+
+
+@pytest.mark.parametrize("use_kernels", [None, True])
+def test_a_plain_from_pretrained_kernelizes_nothing_and_logs_nothing(clean_loader, saved_model, caplog, use_kernels):
+    with caplog.at_level(logging.WARNING):
+        model = RWKV7ForCausalLM.from_pretrained(saved_model, **({} if use_kernels is None else {"use_kernels": True}))
+        model.train().eval()
+    assert [record.getMessage() for record in caplog.records] == []
+    assert not model.use_kernels and model.kernel_config is None
+    assert all(block.attn.wkv.forward.__func__ is wkv_module.RWKV7WKV.forward for block in model.model.layers)

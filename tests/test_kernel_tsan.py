@@ -55,9 +55,22 @@ def cuda_include_dir() -> Path:
 def harness(tmp_path_factory) -> Path:
     """tests/tsan/wkv7_tsan.cpp built with g++ -fsanitize=thread."""
     binary = tmp_path_factory.mktemp("tsan") / "wkv7_tsan"
-    command = ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-Wall", "-Werror",
-               "-DWKV7_HOST_HALF_TYPES", f"-I{KERNEL_DIR / 'csrc'}", f"-I{cuda_include_dir()}", str(HARNESS),
-               "-o", str(binary)]
+    command = [
+        "g++",
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-fsanitize=thread",
+        "-pthread",
+        "-Wall",
+        "-Werror",
+        "-DWKV7_HOST_HALF_TYPES",
+        f"-I{KERNEL_DIR / 'csrc'}",
+        f"-I{cuda_include_dir()}",
+        str(HARNESS),
+        "-o",
+        str(binary),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     return binary
@@ -65,13 +78,21 @@ def harness(tmp_path_factory) -> Path:
 
 def make_problem(head_dim, dtype, batch, seq_len, heads, seed, reset_rate, with_state, with_dfinal):
     """RWKV-7-scale inputs (gpu_check.random_inputs) rounded to `dtype`, dy and d(final state)."""
-    r, log_decay, k, v, a, b, state, reset = gpu_check.random_inputs(batch, seq_len, heads, head_dim, DTYPES[dtype],
-                                                                     "cpu", seed, reset_rate)
+    r, log_decay, k, v, a, b, state, reset = gpu_check.random_inputs(
+        batch, seq_len, heads, head_dim, DTYPES[dtype], "cpu", seed, reset_rate
+    )
     g = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(r.shape, generator=g).to(DTYPES[dtype])
     dfinal = torch.randn(state.shape, generator=g) * 0.1
-    return dict(head_dim=head_dim, dtype=dtype, inputs=(r, log_decay, k, v, a, b), dy=dy,
-                state=state if with_state else None, reset=reset, dfinal=dfinal if with_dfinal else None)
+    return dict(
+        head_dim=head_dim,
+        dtype=dtype,
+        inputs=(r, log_decay, k, v, a, b),
+        dy=dy,
+        state=state if with_state else None,
+        reset=reset,
+        dfinal=dfinal if with_dfinal else None,
+    )
 
 
 def run_harness(harness, tmp_path, problem, skip_sync=None):
@@ -88,16 +109,36 @@ def run_harness(harness, tmp_path, problem, skip_sync=None):
     env = {**os.environ, "TSAN_OPTIONS": TSAN_OPTIONS}
     if skip_sync is not None:
         env["WKV7_SKIP_SYNC"] = str(skip_sync)
-    args = [str(harness), str(n), problem["dtype"], str(batch), str(seq_len), str(heads), str(flags),
-            str(tmp_path / "in.bin"), str(tmp_path / "out.bin")]
+    args = [
+        str(harness),
+        str(n),
+        problem["dtype"],
+        str(batch),
+        str(seq_len),
+        str(heads),
+        str(flags),
+        str(tmp_path / "in.bin"),
+        str(tmp_path / "out.bin"),
+    ]
     process = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     if process.returncode != 0:
         return process, None
     values = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.float32)
     token_shape, chunks = tuple(r.shape), (seq_len + 15) // 16
-    shapes = {"y": token_shape, "final_state": state_shape, "checkpoints": (batch, heads, chunks, n, n),
-              "dr": token_shape, "dlog_decay": token_shape, "dk": token_shape, "dv": token_shape, "da": token_shape,
-              "db": token_shape, "dinitial_state": state_shape, "decode_y": token_shape, "decode_state": state_shape}
+    shapes = {
+        "y": token_shape,
+        "final_state": state_shape,
+        "checkpoints": (batch, heads, chunks, n, n),
+        "dr": token_shape,
+        "dlog_decay": token_shape,
+        "dk": token_shape,
+        "dv": token_shape,
+        "da": token_shape,
+        "db": token_shape,
+        "dinitial_state": state_shape,
+        "decode_y": token_shape,
+        "decode_state": state_shape,
+    }
     outputs, offset = {}, 0
     for name, shape in shapes.items():
         size = torch.Size(shape).numel()
@@ -132,6 +173,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_threaded_blocks_equal_serial_and_match_the_reference(harness, tmp_path, case):
     problem = make_problem(*case)
     process, out = run_harness(harness, tmp_path, problem)
@@ -187,6 +231,9 @@ REQUIRED_BARRIERS = {
 
 
 @pytest.mark.parametrize("skip", REQUIRED_BARRIERS, ids=REQUIRED_BARRIERS.keys())
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_leaving_out_a_required_barrier_is_reported_as_a_race(harness, tmp_path, skip):
     problem = make_problem(16, "f32", 1, 20, 1, 5, 0.0, True, True)
     process, _ = run_harness(harness, tmp_path, problem, skip_sync=skip)
@@ -202,13 +249,20 @@ def kernel():
     """The CPU variant, built (or found up to date) by scripts/build_kernel.py and loaded through `kernels`."""
     import kernels
 
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_kernel.py")], capture_output=True,
-                            text=True, env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_kernel.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
+    )
     assert result.returncode == 0, f"build_kernel.py failed:\n{result.stdout}\n{result.stderr}"
     return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
 
 
 @pytest.mark.parametrize("case", ["n16-f32-ragged-resets-state", "n32-bf16-resets-state"])
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_threaded_blocks_equal_the_cpu_variant_bitwise(harness, kernel, tmp_path, case):
     problem = make_problem(*CASES[case])
     process, out = run_harness(harness, tmp_path, problem)
@@ -222,13 +276,21 @@ def test_threaded_blocks_equal_the_cpu_variant_bitwise(harness, kernel, tmp_path
         if reset is not None:
             decode_state[reset[:, t]] = 0.0
         decode_y.append(kernel.ops.decode_step(*(x[:, t] for x in inputs), decode_state))
-    expected = {"y": y, "final_state": final_state, "checkpoints": checkpoints, "decode_y": torch.stack(decode_y, 1),
-                "decode_state": decode_state}
+    expected = {
+        "y": y,
+        "final_state": final_state,
+        "checkpoints": checkpoints,
+        "decode_y": torch.stack(decode_y, 1),
+        "decode_state": decode_state,
+    }
     expected.update(zip(("dr", "dlog_decay", "dk", "dv", "da", "db", "dinitial_state"), grads))
     for name, value in expected.items():
         assert torch.equal(out[name], value.float()), f"{name}: the harness and the CPU variant differ"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.kernel_build
 def test_opcheck_forward_backward_decode(kernel):
     """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) on the three ops, with
     inputs that are not contiguous; the fake outputs are contiguous like the real ones."""
@@ -252,7 +314,7 @@ def test_opcheck_forward_backward_decode(kernel):
         forward_out = kernel.ops.forward(*fake[:8], True)
         backward_out = kernel.ops.backward(*fake[:6], fake[7], fake[8], fake[9], fake[10])
         decode_out = kernel.ops.decode_step(*(x[:, 0] for x in fake[:6]), fake[6])
-    for name, x in [("forward", t) for t in forward_out] + [("backward", t) for t in backward_out] + [
-        ("decode_step", decode_out)
-    ]:
+    for name, x in (
+        [("forward", t) for t in forward_out] + [("backward", t) for t in backward_out] + [("decode_step", decode_out)]
+    ):
         assert x.is_contiguous(), f"{name}: fake output of shape {tuple(x.shape)} has strides {x.stride()}"

@@ -94,14 +94,36 @@ def lm_eval_run(tmp_path_factory):
     write_tasks(tasks, seed=11)
 
     env = {
-        "PATH": os.environ.get("PATH", ""), "HOME": str(work), "HF_HOME": str(work / "hf"),
-        "HF_MODULES_CACHE": str(modules), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(work),
+        "HF_HOME": str(work / "hf"),
+        "HF_MODULES_CACHE": str(modules),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "2",
     }
     command = [
-        sys.executable, "-I", "-S", "-c", LM_EVAL, site.getsitepackages()[0], "--model", "hf",
-        "--model_args", f"pretrained={folder},trust_remote_code=True,dtype=float32,softmax_dtype=float64",
-        "--tasks", "rwkv7_local_choice,rwkv7_local_rolling", "--include_path", str(tasks), "--device", "cpu",
-        "--batch_size", "4", "--output_path", str(results), "--log_samples",
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        LM_EVAL,
+        site.getsitepackages()[0],
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={folder},trust_remote_code=True,dtype=float32,softmax_dtype=float64",
+        "--tasks",
+        "rwkv7_local_choice,rwkv7_local_rolling",
+        "--include_path",
+        str(tasks),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(results),
+        "--log_samples",
     ]
     done = subprocess.run(command, cwd=str(work), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -132,12 +154,16 @@ def log_likelihood(model, ids: list[int], first_target: int) -> tuple[float, boo
     return log_probs.sum().item(), bool((logits.argmax(-1) == targets).all())
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lm_eval_ran_the_folders_own_code(lm_eval_run):
     _, _, modules = lm_eval_run
     copied = {os.path.basename(path) for path in glob.glob(str(modules / "**" / "*.py"), recursive=True)}
     assert {"modeling_rwkv7.py", "configuration_rwkv7.py", "tokenization_rwkv7.py", "wkv.py"} <= copied
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_multiple_choice_log_likelihoods_equal_our_own(lm_eval_run, ours):
     aggregated, samples, _ = lm_eval_run
     model, tokenizer = ours
@@ -160,6 +186,8 @@ def test_multiple_choice_log_likelihoods_equal_our_own(lm_eval_run, ours):
     assert aggregated["rwkv7_local_choice"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_rolling_log_likelihoods_equal_our_own(lm_eval_run, ours):
     _, samples, _ = lm_eval_run
     model, tokenizer = ours

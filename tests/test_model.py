@@ -16,7 +16,7 @@ from modeling_rwkv7 import (
     RWKV7ForSequenceClassification,
     RWKV7Model,
 )
-from modeling_rwkv7.convert_rwkv7 import CheckpointError, hf_to_official, official_to_hf
+from modeling_rwkv7.conversion_mapping_rwkv7 import CheckpointError, hf_to_official, official_to_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_logits_and_state_match_official_package(official_checkpoint, converted_
 
     assert out.logits.shape == (1, seq_len, 1000)
     assert (out.logits[0] - expected_logits).abs().max().item() <= 1e-4
-    for i, layer in enumerate(out.past_key_values.layers):
+    for i, layer in enumerate(out.cache.layers):
         # the official state is [heads, value, key], as ours
         assert layer.recurrent_state.dtype == torch.float32
         assert_close_scaled(layer.recurrent_state[0], expected_state[3 * i + 1], 1e-5)
@@ -68,7 +68,12 @@ def test_official_checkpoint_from_other_sizes_matches():
         vocab_size=300, hidden_size=192, num_layers=4, head_dim=64, ffn_size=448, ranks=(48, 16, 24, 40), seed=7
     )
     config, converted = official_to_hf(state_dict)
-    assert (config.num_hidden_layers, config.hidden_size, config.num_heads, config.intermediate_size) == (4, 192, 3, 448)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_heads, config.intermediate_size) == (
+        4,
+        192,
+        3,
+        448,
+    )
     assert (config.decay_low_rank_dim, config.a_low_rank_dim, config.v_low_rank_dim, config.gate_low_rank_dim) == (
         48,
         16,
@@ -145,7 +150,11 @@ def test_param_count_is_exact_for_every_preset(preset):
 
 def test_param_count_for_every_head_and_tying():
     config = tiny_config(num_labels=3)
-    for head, model_class in (("lm", RWKV7ForCausalLM), ("none", RWKV7Model), ("classification", RWKV7ForSequenceClassification)):
+    for head, model_class in (
+        ("lm", RWKV7ForCausalLM),
+        ("none", RWKV7Model),
+        ("classification", RWKV7ForSequenceClassification),
+    ):
         assert config.param_count(head) == sum(p.numel() for p in model_class(config).parameters()), head
     tied = tiny_config(tie_word_embeddings=True)
     model = RWKV7ForCausalLM(tied)
@@ -187,7 +196,7 @@ def test_default_low_rank_dims_follow_official_formula():
         (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer, got 0"),
         (dict(hidden_size=-64), "hidden_size must be a positive integer"),
         (dict(dropout=1.5), "dropout must be in"),
-        (dict(wkv_backend="magic"), "wkv_backend must be one of"),
+        (dict(wkv_backend="magic"), r"implementation\['wkv'\]='magic' is not one of"),
         (dict(vocab_size=None), "needs vocab_size"),
         (dict(hiden_size=128), r"Unknown RWKV7Config field\(s\) \['hiden_size'\]"),
         (dict(value_dim=64), "value_dim"),
@@ -259,7 +268,7 @@ def test_bf16_model_keeps_float32_state_and_close_logits(tmp_path):
         reference = fp32(tokens).logits
         out = bf16(tokens, use_cache=True)
     assert out.logits.dtype == torch.bfloat16
-    assert all(layer.recurrent_state.dtype == torch.float32 for layer in out.past_key_values.layers)
+    assert all(layer.recurrent_state.dtype == torch.float32 for layer in out.cache.layers)
     error = (out.logits.float() - reference).abs().max().item()
     assert error <= 2e-2 * max(1.0, reference.abs().max().item())
 
@@ -355,7 +364,9 @@ def test_encoder_maps_feature_sequences_to_pooled_vectors():
 
 def test_encoder_pools_the_last_real_position_with_right_padding():
     torch.manual_seed(0)
-    model = RWKV7Model(RWKV7Config(vocab_size=None, input_size=20, hidden_size=64, num_hidden_layers=2, head_dim=32)).eval()
+    model = RWKV7Model(
+        RWKV7Config(vocab_size=None, input_size=20, hidden_size=64, num_hidden_layers=2, head_dim=32)
+    ).eval()
     features = torch.randn(3, 15, 20)
     mask = torch.ones(3, 15, dtype=torch.long)
     mask[1, 9:] = 0
@@ -377,7 +388,9 @@ def test_encoder_with_input_size_equal_to_hidden_has_no_projection():
 
 
 def test_bad_inputs_raise_clear_errors(converted_model):
-    encoder = RWKV7Model(RWKV7Config(vocab_size=None, input_size=287, hidden_size=64, num_hidden_layers=1, head_dim=32))
+    encoder = RWKV7Model(
+        RWKV7Config(vocab_size=None, input_size=287, hidden_size=64, num_hidden_layers=1, head_dim=32)
+    )
     with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, seq_len, 287\], got shape \(2, 60, 286\)"):
         encoder(inputs_embeds=torch.randn(2, 60, 286))
     with pytest.raises(ValueError, match="floating-point"):
@@ -395,9 +408,9 @@ def test_bad_inputs_raise_clear_errors(converted_model):
     with pytest.raises(TypeError, match="RWKV7Cache"):
         from transformers import DynamicCache
 
-        converted_model(torch.tensor([[1, 2]]), past_key_values=DynamicCache())
+        converted_model(torch.tensor([[1, 2]]), cache=DynamicCache())
     wrong_cache = RWKV7Cache(tiny_config(hidden_size=128), batch_size=1)
     with pytest.raises(ValueError, match="does not match the model"):
-        converted_model(torch.tensor([[1, 2]]), past_key_values=wrong_cache)
+        converted_model(torch.tensor([[1, 2]]), cache=wrong_cache)
     with pytest.raises(ValueError, match="batch size 2 but the input has batch size 1"):
-        converted_model(torch.tensor([[1, 2]]), past_key_values=converted_model.init_cache(2))
+        converted_model(torch.tensor([[1, 2]]), cache=converted_model.init_cache(2))

@@ -11,18 +11,12 @@ import oracle
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 import modeling_rwkv7  # noqa: F401  (registers rwkv7 with the Auto classes)
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from modeling_rwkv7.convert_rwkv7 import (
-    CheckpointError,
-    config_from_official,
-    convert_checkpoint,
-    hf_to_native,
-    main,
-    official_to_hf,
-)
-from transformers import AutoModelForCausalLM
+from modeling_rwkv7.conversion_mapping_rwkv7 import CheckpointError, config_from_official, hf_to_native, official_to_hf
+from modeling_rwkv7.convert_rwkv7_checkpoint_to_hf import convert_checkpoint, main
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -179,7 +173,8 @@ def test_converts_both_ways(weights, tmp_path):
     for key in ("max_position_embeddings", "wkv_implementation", "transformers_version"):
         expected_config.pop(key)
     assert config == expected_config
-    assert "auto_map" not in config and not any(name.endswith(".py") for name in os.listdir(native) if "token" not in name)
+    assert "auto_map" not in config
+    assert not any(name.endswith(".py") for name in os.listdir(native) if "token" not in name)
     assert "rwkv_vocab_v20230424.txt" not in os.listdir(native)  # vocab 512: no World tokenizer
     reloaded = RWKV7ForCausalLM.from_pretrained(native).eval()
     torch.testing.assert_close(logits_of(reloaded, tokens), expected, rtol=0, atol=1e-4)
@@ -193,8 +188,10 @@ def test_native_folder_missing_a_tensor_is_named(weights, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensors \['rwkv7\.blocks\.1\.att\.w1'\]"):
         convert_checkpoint(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    _, info = RWKV7ForCausalLM.from_pretrained(folder, output_loading_info=True)
-    assert info["missing_keys"] == {"model.layers.1.attn.w_lora.lora.0.weight"}
+    with pytest.raises(
+        ValueError, match=r"lacks 1 block weights \['model\.layers\.1\.attn\.w_lora\.lora\.0\.weight'\]"
+    ):
+        RWKV7ForCausalLM.from_pretrained(folder)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +200,10 @@ def test_native_folder_missing_a_tensor_is_named(weights, tmp_path):
         ({"use_deep_embed": True}, r"use_deep_embed=True is not supported"),
         ({"norm_bias": False}, r"norm_bias=True"),
         ({"wkv_implementation": "my_fused_kernel"}, r"wkv_implementation='my_fused_kernel'"),
-        ({"wkv_state_dtype": "float64"}, r"wkv_state_dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'float64'"),
+        (
+            {"wkv_state_dtype": "float64"},
+            r"wkv_state_dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'float64'",
+        ),
         ({"num_heads": 3}, r"num_heads=3 with head_dim=64 does not cover hidden_size=128"),
     ],
 )
@@ -268,6 +268,8 @@ print("REPORT " + json.dumps(report))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_coexistence_with_a_transformers_that_ships_rwkv7(weights, tmp_path):
     """With transformers' own rwkv7 registered before our import: the Auto classes keep its classes (and a warning
     says so), its class reads the native layout and ours reads both, our folders load ours with
@@ -278,7 +280,11 @@ def test_coexistence_with_a_transformers_that_ships_rwkv7(weights, tmp_path):
     ours = convert_checkpoint(path + ".pth", tmp_path / "ours")
     script = COEXISTENCE.format(tests=TESTS, native=native, ours=str(ours), tokens=tokens[:8])
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": REPO, "TRANSFORMERS_VERBOSITY": "warning"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -289,7 +295,8 @@ def test_coexistence_with_a_transformers_that_ships_rwkv7(weights, tmp_path):
     assert report["auto_config"] == "transformers.models.rwkv7"  # not shadowed
     assert report["auto_native"] == "transformers.models.rwkv7.Rwkv7ForCausalLM"
     assert report["ours_native_vs_builtin"] < 1e-4
-    assert report["remote_ours"].startswith("transformers_modules.") and report["remote_ours"].endswith(".RWKV7ForCausalLM")
+    assert report["remote_ours"].startswith("transformers_modules.")
+    assert report["remote_ours"].endswith(".RWKV7ForCausalLM")
     assert report["remote_ours_vs_builtin"] < 1e-4
     assert report["builtin_on_ours_error"] == "num_heads must be hidden_size // head_dim = 2, got 12"
     assert report["builtin_on_ours_missing"] == ["head.weight", "rwkv7.blocks.0.att.a0", "rwkv7.blocks.0.att.a1"]

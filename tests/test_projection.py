@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
-from modeling_rwkv7 import linear_rwkv7
+from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, linear_rwkv7
 from modeling_rwkv7.linear_rwkv7 import CANDIDATES, GEMV_MAX_ROWS, RWKV7Linear
 
 DENSE = sorted(CANDIDATES["dense"])
@@ -150,7 +149,7 @@ def test_a_corrupted_decision_changes_nothing_but_speed(forced_product):
         forced_product(product, shapes)
         with torch.no_grad():
             cache = model.init_cache(batch_size=3)
-            logits = torch.cat([model(tokens[:, t : t + 1], past_key_values=cache).logits for t in range(6)], dim=1)
+            logits = torch.cat([model(tokens[:, t : t + 1], cache=cache).logits for t in range(6)], dim=1)
         runs[product] = (logits, cache.layers[-1].recurrent_state.clone(), cache.layers[-1].ffn_shift_state.clone())
     reference, *others = runs.values()
     for other in others:
@@ -172,7 +171,7 @@ def test_the_measured_decision_is_a_candidate_and_is_kept(monkeypatch):
     rng_state = torch.random.get_rng_state()
     with torch.no_grad():
         first = projection(inputs)
-        (key, choice), = linear_rwkv7.few_row_choices.items()
+        ((key, choice),) = linear_rwkv7.few_row_choices.items()
         assert torch.equal(torch.random.get_rng_state(), rng_state)  # seeded sampling stays reproducible
         assert key == (192, 96, torch.float32, 2, False)  # an eager decision only, outside compile_decode_step
         assert choice.product in DENSE and choice.threads == torch.get_num_threads()
@@ -205,6 +204,7 @@ def test_weights_that_are_tensor_subclasses_take_f_linear(forced_product):
     assert_close_relative(output.as_subclass(torch.Tensor), F.linear(inputs, plain_weight), 1e-6)
 
 
+@pytest.mark.compile
 def test_compiled_projection_reads_the_decision(forced_product):
     """Under torch.compile(fullgraph=True) nothing is timed: the graph reads the cached decision and computes the
     same values."""
@@ -230,6 +230,7 @@ def bmm_count_of_traced_graph(module, inputs) -> int:
     return sum(node.target is torch.bmm for node in graph.graph.nodes)
 
 
+@pytest.mark.compile
 def test_a_traced_graph_reads_the_compiled_decision_and_eager_calls_the_eager_one(forced_product):
     """Eager calls take the eager decision, traced graphs the compiled one (both forced here, opposite ways): the
     values are F.linear's either way."""
@@ -246,6 +247,8 @@ def test_a_traced_graph_reads_the_compiled_decision_and_eager_calls_the_eager_on
         assert_close_relative(torch.compile(projection, fullgraph=True)(inputs), expected, 1e-5)
 
 
+@pytest.mark.compile
+@pytest.mark.slow
 def test_compiled_decisions_are_measured_only_when_asked(monkeypatch):
     """Inside `measuring_compiled_products()` an eager call also times the candidates compiled (each one a real
     inductor graph) and records a compiled decision beside the eager one; outside, only the eager one is made."""
@@ -257,8 +260,11 @@ def test_compiled_decisions_are_measured_only_when_asked(monkeypatch):
         with linear_rwkv7.measuring_compiled_products():
             output = projection(inputs)
         projection(torch.randn(3, 1, 64))  # another rows bucket, outside: eager only
-    assert set(linear_rwkv7.few_row_choices) == {(96, 64, torch.float32, 1, False), (96, 64, torch.float32, 1, True),
-                                                 (96, 64, torch.float32, 4, False)}
+    assert set(linear_rwkv7.few_row_choices) == {
+        (96, 64, torch.float32, 1, False),
+        (96, 64, torch.float32, 1, True),
+        (96, 64, torch.float32, 4, False),
+    }
     compiled = linear_rwkv7.few_row_choices[(96, 64, torch.float32, 1, True)]
     assert compiled.product in DENSE and set(compiled.seconds) == set(DENSE)
     assert all(0 < s < 1 for s in compiled.seconds.values())

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_rwkv7 import RWKV7ForCausalLM, linear_rwkv7
-from modeling_rwkv7.convert_rwkv7 import official_to_hf
+from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
 from modeling_rwkv7.linear_rwkv7 import CANDIDATES, RWKV7Linear
 
 
@@ -42,9 +42,9 @@ def test_bfloat16_logits_are_within_the_official_bfloat16_error(official_checkpo
     with torch.no_grad():
         output = model(torch.tensor([tokens]), use_cache=True)
         cache = model.init_cache(batch_size=1)  # decoding token by token: the few-row products
-        decoded = torch.cat([model(torch.tensor([[t]]), past_key_values=cache).logits for t in tokens[:8]], dim=1)
+        decoded = torch.cat([model(torch.tensor([[t]]), cache=cache).logits for t in tokens[:8]], dim=1)
     assert output.logits.dtype == torch.bfloat16 and output.logits.shape == (1, 48, 1000)
-    assert all(layer.recurrent_state.dtype == torch.float32 for layer in output.past_key_values.layers)
+    assert all(layer.recurrent_state.dtype == torch.float32 for layer in output.cache.layers)
     ours_error = rms_relative_error(output.logits[0], expected)
     assert 0 < official_error < 0.1
     assert ours_error <= 1.5 * official_error, (ours_error, official_error)
@@ -70,7 +70,9 @@ def int8_pair(official_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("int8")
     model.save_pretrained(folder)
     quantized = RWKV7ForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[])
+        folder,
+        dtype=torch.float32,
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[]),
     )
     return model.eval(), quantized.eval()
 
@@ -86,7 +88,7 @@ def test_int8_weights_load_into_every_projection_and_nothing_else(int8_pair):
     others = [p for p in quantized.parameters() if id(p) not in projection_weights]
     assert others and all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in others)
     with torch.no_grad():
-        cache = quantized(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+        cache = quantized(torch.tensor([[1, 2, 3]]), use_cache=True).cache
     assert all(layer.recurrent_state.dtype == torch.float32 for layer in cache.layers)
 
 
@@ -106,7 +108,7 @@ def test_int8_model_computes_its_dequantized_weights_and_stays_near_float32(int8
         expected = dequantized(tokens).logits
         prefill = quantized(tokens).logits
         cache = quantized.init_cache(batch_size=2)
-        decoded = torch.cat([quantized(tokens[:, t : t + 1], past_key_values=cache).logits for t in range(24)], dim=1)
+        decoded = torch.cat([quantized(tokens[:, t : t + 1], cache=cache).logits for t in range(24)], dim=1)
         original = model(tokens).logits
     assert prefill.shape == decoded.shape == (2, 24, 1000)
     assert max_relative_error(prefill, expected) < 1e-5
@@ -132,8 +134,7 @@ def int8_projection(in_features: int, out_features: int, seed: int) -> RWKV7Line
 @pytest.mark.parametrize("product", sorted(CANDIDATES["int8_rows"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features,out_features", [(768, 3072), (3072, 768), (64, 768), (768, 32), (128, 1000)])
-def test_every_int8_product_computes_the_dequantized_weight(forced_product, product, dtype, in_features,
-                                                            out_features):
+def test_every_int8_product_computes_the_dequantized_weight(forced_product, product, dtype, in_features, out_features):
     """1..16 rows against a torchao int8 weight: F.linear with the dequantized weight, to float32 rounding (float32
     rows) or bfloat16 rounding of the output (bfloat16 rows, as torchao's own product), whichever product is
     forced."""
@@ -154,6 +155,7 @@ def test_every_int8_product_computes_the_dequantized_weight(forced_product, prod
 
 
 @pytest.mark.parametrize("product", sorted(CANDIDATES["int8_rows"]))
+@pytest.mark.compile
 def test_compiled_int8_products_compute_the_dequantized_weight(forced_product, product):
     """The same under torch.compile (inductor), for one and for three rows."""
     forced_product(product, [(256, 512)], dtype=torch.int8)
@@ -177,7 +179,7 @@ def test_an_int8_decision_is_measured_under_inference_mode(monkeypatch):
     inputs = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(16))
     with torch.inference_mode():
         output = projection(inputs)
-    (key, choice), = linear_rwkv7.few_row_choices.items()
+    ((key, choice),) = linear_rwkv7.few_row_choices.items()
     assert key == (96, 64, torch.int8, 1, False)
     assert set(choice.seconds) == set(CANDIDATES["int8_rows"]) and all(0 < s < 1 for s in choice.seconds.values())
     expected = F.linear(inputs, projection.weight.dequantize().float(), projection.bias)

@@ -75,7 +75,7 @@ def test_every_row_starts_from_the_state_given_to_the_model_as_a_cache():
             cache = model.init_cache(1)
             for layer, layer_state in zip(cache.layers, state):
                 layer.recurrent_state = layer_state[None].clone()
-            expected = model(x[row : row + 1], past_key_values=cache).logits
+            expected = model(x[row : row + 1], cache=cache).logits
             torch.testing.assert_close(batched[row : row + 1], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -168,16 +168,16 @@ def test_a_saved_state_drives_generation_with_or_without_the_wrapper(tmp_path):
     # greedy decoding by hand from the tuned state
     with torch.no_grad():
         cache = tuned.initial_cache(1)
-        logits = model(prompt, past_key_values=cache).logits[:, -1]
+        logits = model(prompt, cache=cache).logits[:, -1]
         expected = prompt
         for _ in range(8):
             next_token = logits.argmax(-1, keepdim=True)
             expected = torch.cat([expected, next_token], dim=1)
-            logits = model(next_token, past_key_values=cache).logits[:, -1]
+            logits = model(next_token, cache=cache).logits[:, -1]
 
     settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(tuned.generate(prompt, **settings), expected)
-    assert torch.equal(model.generate(prompt, past_key_values=RWKV7Cache.load(path, config=model.config), **settings), expected)
+    assert torch.equal(model.generate(prompt, cache=RWKV7Cache.load(path, config=model.config), **settings), expected)
     # from the zero state the same prompt continues differently
     assert not torch.equal(model.generate(prompt, **settings), expected)
 
@@ -225,7 +225,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     model = random_model(9)
     prompt_state = model.init_cache(1)
     with torch.no_grad():
-        model(tokens(1, 4, seed=18), past_key_values=prompt_state)
+        model(tokens(1, 4, seed=18), cache=prompt_state)
     prompt_state.save(tmp_path / "prompt.safetensors")
     with pytest.raises(ValueError, match="non-zero token-shift states"):
         tuned.load_state(tmp_path / "prompt.safetensors")

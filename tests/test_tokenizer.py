@@ -1,6 +1,8 @@
-"""RWKV7Tokenizer against the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER` (the `rwkv` pip package)."""
+"""RWKV7Tokenizer and RWKV7TokenizerFast against the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER` (the `rwkv` pip
+package)."""
 
 import json
+import os
 import pickle
 import random
 import re
@@ -10,10 +12,18 @@ import pytest
 import rwkv
 import torch
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-
-from modeling_rwkv7.tokenization_rwkv7 import CHAT_TEMPLATE, VOCAB_SIZE, RWKV7Tokenizer
-from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+from modeling_rwkv7.tokenization_rwkv7 import (
+    CHAT_TEMPLATE,
+    VOCAB_SIZE,
+    RWKV7Tokenizer,
+    RWKV7TokenizerFast,
+    longest_match_pattern,
+)
 
 OFFICIAL_VOCAB = Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"
 SHIPPED_VOCAB = Path(__file__).resolve().parent.parent / "modeling_rwkv7" / "rwkv_vocab_v20230424.txt"
@@ -22,6 +32,11 @@ SHIPPED_VOCAB = Path(__file__).resolve().parent.parent / "modeling_rwkv7" / "rwk
 @pytest.fixture(scope="module")
 def tokenizer():
     return RWKV7Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return RWKV7TokenizerFast()
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +56,37 @@ def _ascii(rng):
 
 
 def _code(rng):
-    pieces = ["def ", "return ", "if ", "else:", "for i in range(", "self.", "x", "_id", " = ", " == ", "(", ")",
-              "[", "]", "{", "}", ":", ",", ".", "0x1F", "42", "'str'", '"s"', "#", "//", "/*", "*/", "->", "=>"]
+    pieces = [
+        "def ",
+        "return ",
+        "if ",
+        "else:",
+        "for i in range(",
+        "self.",
+        "x",
+        "_id",
+        " = ",
+        " == ",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        ":",
+        ",",
+        ".",
+        "0x1F",
+        "42",
+        "'str'",
+        '"s"',
+        "#",
+        "//",
+        "/*",
+        "*/",
+        "->",
+        "=>",
+    ]
     lines = []
     for _ in range(rng.randint(1, 12)):
         indent = rng.choice(["", "    ", "        ", "\t", "\t\t"])
@@ -69,16 +113,44 @@ def _emoji(rng):
 
 
 def _mixed_scripts(rng):
-    words = ["hello", " world", "Привет", " мир", "γειά", "مرحبا", "नमस्ते", "สวัสดี", "שלום", "中文", "日本語",
-             "한국어", "café", "naïve", "e\u0301", "Ω≈ç√", "😀", "\n\n", "  ", "ß", "ﬁ", "ｆｕｌｌ"]
+    words = [
+        "hello",
+        " world",
+        "Привет",
+        " мир",
+        "γειά",
+        "مرحبا",
+        "नमस्ते",
+        "สวัสดี",
+        "שלום",
+        "中文",
+        "日本語",
+        "한국어",
+        "café",
+        "naïve",
+        "e\u0301",
+        "Ω≈ç√",
+        "😀",
+        "\n\n",
+        "  ",
+        "ß",
+        "ﬁ",
+        "ｆｕｌｌ",
+    ]
     return "".join(rng.choice(words) for _ in range(rng.randint(1, 25)))
 
 
 def _any_code_point(rng):
     def one():
         while True:
-            c = rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0x7FF), rng.randint(0x800, 0xFFFF),
-                            rng.randint(0x10000, 0x10FFFF)])
+            c = rng.choice(
+                [
+                    rng.randint(0, 0x7F),
+                    rng.randint(0x80, 0x7FF),
+                    rng.randint(0x800, 0xFFFF),
+                    rng.randint(0x10000, 0x10FFFF),
+                ]
+            )
             if not 0xD800 <= c <= 0xDFFF:
                 return chr(c)
 
@@ -306,7 +378,9 @@ def test_chat_template_two_turns_with_system(tokenizer, official):
     )
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
-    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == official.encode(expected)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == official.encode(
+        expected
+    )
     finished = messages + [{"role": "assistant", "content": "Yes."}]
     assert tokenizer.apply_chat_template(finished, tokenize=False) == expected + " Yes.\n\n"
 
@@ -365,7 +439,7 @@ def test_auto_tokenizer_with_remote_code(tmp_path, monkeypatch, official):
     text = "Remote code: 中文 😀"
     # where modeling_rwkv7 is imported its registered class wins; elsewhere the copied module is used (below)
     loaded = AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=True)
-    assert type(loaded).__name__ == "RWKV7Tokenizer"
+    assert type(loaded) is RWKV7TokenizerFast
     assert loaded.encode(text) == official.encode(text)
 
     remote_class = get_class_from_dynamic_module("tokenization_rwkv7.RWKV7Tokenizer", tmp_path)
@@ -382,11 +456,16 @@ class _TokenizerTestConfig(PreTrainedConfig):
 
 def test_auto_tokenizer_registered_for_a_config(tmp_path, official):
     AutoConfig.register(_TokenizerTestConfig.model_type, _TokenizerTestConfig, exist_ok=True)
-    AutoTokenizer.register(_TokenizerTestConfig, slow_tokenizer_class=RWKV7Tokenizer, exist_ok=True)
+    AutoTokenizer.register(
+        _TokenizerTestConfig,
+        slow_tokenizer_class=RWKV7Tokenizer,
+        fast_tokenizer_class=RWKV7TokenizerFast,
+        exist_ok=True,
+    )
     _TokenizerTestConfig().save_pretrained(tmp_path)
     RWKV7Tokenizer().save_pretrained(tmp_path)
-    loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert type(loaded) is RWKV7Tokenizer
+    loaded = AutoTokenizer.from_pretrained(tmp_path)  # transformers 5 loads the fast class (it ignores use_fast)
+    assert type(loaded) is RWKV7TokenizerFast
     assert loaded.encode("registered 中文") == official.encode("registered 中文")
 
 
@@ -418,3 +497,223 @@ def test_unknown_token_string_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="Unknown token 'not a token'"):
         tokenizer.convert_tokens_to_string(["Hello", "not a token"])
     assert tokenizer.convert_tokens_to_ids("not a token") is None
+
+
+# ------------------------------------------------------------------------------------------- fast tokenizer (Rust)
+
+
+def _token_prefixes(rng, official):
+    # proper prefixes of long tokens: the longest match must back off from a token it almost matched
+    long_tokens = [token for token in official.idx2token.values() if len(token) >= 6]
+    pieces = []
+    for _ in range(rng.randint(1, 20)):
+        token = rng.choice(long_tokens)
+        pieces.append(token[: rng.randint(1, len(token) - 1)] if rng.random() < 0.7 else token)
+    return b"".join(pieces).decode("utf-8", errors="ignore")
+
+
+def _long_runs(rng):
+    # runs far longer than the longest token (128 bytes), of units that long tokens repeat
+    units = [" ", "\n", "=", "-", "#", "*", "/", "ab", " =", "\t", "0", "中", "😀", "ー", "..", "\r\n"]
+    return "".join(rng.choice(units) * rng.randint(1, 700) + rng.choice(["", "x", " y", "\n"]) for _ in range(4))
+
+
+def adversarial_texts(seed, count, official):
+    rng = random.Random(seed)
+    generators = [_token_prefixes, _vocab_tokens, _long_runs, _any_code_point, _whitespace]
+    texts = []
+    for i in range(count):
+        generator = generators[i % len(generators)]
+        texts.append(generator(rng, official) if generator in (_token_prefixes, _vocab_tokens) else generator(rng))
+    return texts
+
+
+def _greedy_longest_match(text, vocabulary):
+    pieces, position, longest = [], 0, max(map(len, vocabulary))
+    while position < len(text):
+        end = next(
+            end for end in range(min(len(text), position + longest), position, -1) if text[position:end] in vocabulary
+        )
+        pieces.append(text[position:end])
+        position = end
+    return pieces
+
+
+def test_longest_match_pattern_is_greedy_longest_match():
+    # a toy vocabulary where backing off matters ("abcd" is no token, so "abcx" is "abc" + "x"), with regex
+    # metacharacters, and more than 32 first characters (grouped behind lookaheads)
+    assert re.findall(longest_match_pattern(["a", "b", "c", "d", "x", "ab", "abc", "abcde"]), "abcdabcxabcdeab") == [
+        "abc",
+        "d",
+        "abc",
+        "x",
+        "abcde",
+        "ab",
+    ]
+    rng = random.Random(9)
+    alphabet = [chr(c) for c in range(33, 127)] + ["é", "Ġ", "中"]
+    vocabulary = set(alphabet)
+    for _ in range(400):
+        vocabulary.add(
+            "".join(
+                rng.choice(alphabet[:12] + ["(", "[", "\\", "^", "-", "]", "?", "*", "é"])
+                for _ in range(rng.randint(2, 7))
+            )
+        )
+    token_list = sorted(vocabulary)
+    pattern = re.compile(longest_match_pattern(token_list))
+    for _ in range(200):
+        text = "".join(rng.choice(token_list)[: rng.randint(1, 7)] for _ in range(rng.randint(1, 40)))
+        assert pattern.findall(text) == _greedy_longest_match(text, vocabulary)
+
+
+def test_fast_ids_match_official_on_random_and_adversarial_text(fast, official):
+    texts = random_texts(0, 160, official) + adversarial_texts(1, 250, official) + [chr(c) for c in range(256)]
+    expected = [official.encode(text) for text in texts]
+    assert fast(texts)["input_ids"] == expected
+    assert [fast.encode(text) for text in texts[::7]] == expected[::7]
+    assert fast.batch_decode(expected) == texts
+
+
+def test_tokenizer_json_alone_is_exact(fast, official):
+    # what another runtime reads: the serialized `tokenizers` pipeline, without transformers or this package
+    backend = Tokenizer.from_str(fast.backend_tokenizer.to_str())
+    texts = adversarial_texts(2, 100, official) + random_texts(3, 40, official)
+    texts.append("".join(texts))  # all of them as one text
+    assert [encoding.ids for encoding in backend.encode_batch(texts)] == [official.encode(text) for text in texts]
+    # a long run is tokenized in linear time (a quadratic scan would take minutes here)
+    text = " " * 300_000 + "=" * 300_000 + "ab" * 200_000
+    assert backend.encode(text).ids == official.encode(text)
+
+
+def test_fast_offsets_cover_the_tokens(fast, tokenizer, official):
+    # a token that holds part of a character spans that whole character
+    text = "héllo 中文😀 world\n\n  x"
+    encoded = fast(text, return_offsets_mapping=True)
+    assert encoded["input_ids"] == official.encode(text)
+    offsets = encoded["offset_mapping"]
+    assert offsets[0][0] == 0 and offsets[-1][1] == len(text)
+    for token_id, (start, end), (next_start, _) in zip(encoded["input_ids"], offsets, offsets[1:] + [(len(text), 0)]):
+        assert tokenizer.decode_bytes([token_id]) in text[start:end].encode("utf-8")
+        assert start <= next_start <= end
+
+
+def test_fast_decode_matches_slow_on_any_ids(fast, tokenizer):
+    # random ids (reserved and <|endoftext|> included) split UTF-8 characters between tokens in every way
+    rng = random.Random(4)
+    for _ in range(300):
+        ids = [rng.choice([rng.randint(0, VOCAB_SIZE - 1), rng.randint(0, 300), 0, 65533]) for _ in range(20)]
+        for skip in (False, True):
+            assert fast.decode(ids, skip_special_tokens=skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+    for data in INVALID_UTF8:
+        ids = tokenizer.encode_bytes(data)
+        assert fast.decode(ids) == data.decode("utf-8", errors="replace")
+
+
+def test_decode_stream_equals_full_decode(fast, official):
+    # what `transformers serve` does: DecodeStream(...).step(tokenizer._tokenizer, token_id) per generated token
+    rng = random.Random(6)
+    sequences = [official.encode(text) for text in adversarial_texts(7, 60, official) + random_texts(8, 40, official)]
+    sequences += [[rng.randint(0, VOCAB_SIZE - 1) for _ in range(30)] for _ in range(40)]  # invalid UTF-8 too
+    sequences += [official.encode("a") + [0] + official.encode("中😀") + [65531] + official.encode("b")]
+    checked = 0
+    for ids in sequences:
+        for skip in (False, True):
+            stream = DecodeStream(skip_special_tokens=skip)
+            chunks = [stream.step(fast._tokenizer, token_id) for token_id in ids]
+            streamed = "".join(chunk for chunk in chunks if chunk is not None)
+            full = fast.decode(ids, skip_special_tokens=skip)
+            # a stream holds back a text that ends in U+FFFD: more bytes could complete the character
+            if full.endswith("\ufffd"):
+                assert full.startswith(streamed)
+            else:
+                assert streamed == full
+                checked += 1
+    assert checked > 250
+
+
+def test_fast_equals_slow_special_tokens_and_padding(fast, tokenizer, official):
+    text = "one<|endoftext|>two"
+    assert fast.encode(text) == tokenizer.encode(text) == official.encode("one") + [0] + official.encode("two")
+    assert fast.encode(text, split_special_tokens=True) == official.encode(text)
+    assert (fast.eos_token_id, fast.pad_token_id, fast.bos_token, fast.padding_side) == (0, 0, None, "left")
+    assert fast.vocab_size == len(fast) == VOCAB_SIZE and fast.get_vocab() == tokenizer.get_vocab()
+    ids = list(range(VOCAB_SIZE))
+    assert fast.convert_ids_to_tokens(ids) == tokenizer.convert_ids_to_tokens(ids)
+    texts = ["hi", "a longer sentence, with 中文 and 😀"]
+    assert fast(texts, padding=True)["input_ids"] == tokenizer(texts, padding=True)["input_ids"]
+    assert fast("a", "b")["input_ids"] == tokenizer("a", "b")["input_ids"]
+    with_bos = [RWKV7TokenizerFast(add_bos_token=True), RWKV7Tokenizer(add_bos_token=True)]
+    for bos, pair in [(False, [fast, tokenizer]), (True, with_bos)]:
+        encoded = [t("hello", return_special_tokens_mask=True) for t in pair]
+        assert encoded[0]["input_ids"] == encoded[1]["input_ids"] == [0] * bos + official.encode("hello")
+        assert encoded[0]["special_tokens_mask"] == encoded[1]["special_tokens_mask"]
+    with pytest.raises(ValueError, match="Token id 65536 is out of range: valid ids are 0..65535"):
+        fast.decode([5, 65536])
+    with pytest.raises(ValueError, match="no add_eos_token"):
+        RWKV7TokenizerFast(add_eos_token=True)
+
+
+def test_fast_added_tokens_and_chat_template(official):
+    fast, slow = RWKV7TokenizerFast(), RWKV7Tokenizer()
+    for t in (fast, slow):
+        assert t.add_tokens(["<tool>"], special_tokens=True) == 1
+    expected = official.encode("a") + [VOCAB_SIZE] + official.encode("b")
+    assert fast.encode("a<tool>b") == slow.encode("a<tool>b") == expected
+    assert fast.decode([VOCAB_SIZE] + official.encode("中")) == "<tool>中"
+    messages = [
+        {"role": "system", "content": "Be brief.\n\n\nVery."},
+        {"role": "user", "content": "Hi 中文 😀\r\n"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again?"},
+    ]
+    text = slow.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    ids = fast.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == slow.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == official.encode(text)
+
+
+def test_fast_save_and_load_round_trip(tmp_path, fast, official):
+    fast.save_pretrained(tmp_path)
+    assert {"tokenizer.json", "tokenizer_config.json", "rwkv_vocab_v20230424.txt"} <= set(os.listdir(tmp_path))
+    assert (tmp_path / "rwkv_vocab_v20230424.txt").read_bytes() == SHIPPED_VOCAB.read_bytes()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    # the slow class name: transformers resolves it to the fast class registered with it
+    assert config["tokenizer_class"] == "RWKV7Tokenizer"
+    text = "Round trip: 中文, emoji 😀, code `x = 1`\n\n<|endoftext|>"
+    expected = official.encode(text[: -len("<|endoftext|>")]) + [0]
+    for loaded in (RWKV7TokenizerFast.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+        assert type(loaded) is RWKV7TokenizerFast
+        assert loaded.encode(text) == expected and loaded.decode(expected) == text
+        assert loaded.chat_template == CHAT_TEMPLATE and (loaded.padding_side, loaded.pad_token_id) == ("left", 0)
+    assert RWKV7Tokenizer.from_pretrained(tmp_path).encode(text) == expected
+    # transformers alone (no RWKV class at all) reads tokenizer.json into its generic fast tokenizer
+    generic = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert generic.encode(text) == expected and generic.decode(expected) == text
+
+
+def test_default_model_folder_loads_the_fast_tokenizer(official):
+    folder = Path(__file__).resolve().parent.parent / "models" / "rwkv7-tiny-default"
+    loaded = AutoTokenizer.from_pretrained(folder)
+    assert type(loaded) is RWKV7TokenizerFast
+    assert loaded.encode("ROMEO:\n中文") == official.encode("ROMEO:\n中文")
+
+
+def test_fast_auto_tokenizer_with_remote_code(tmp_path, monkeypatch, official):
+    monkeypatch.setattr(RWKV7TokenizerFast, "_auto_class", None)
+    RWKV7TokenizerFast.register_for_auto_class("AutoTokenizer")
+    RWKV7TokenizerFast().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoTokenizer": ["tokenization_rwkv7.RWKV7Tokenizer", "tokenization_rwkv7.RWKV7TokenizerFast"]
+    }
+    remote_class = get_class_from_dynamic_module("tokenization_rwkv7.RWKV7TokenizerFast", tmp_path)
+    assert remote_class.__module__ != RWKV7TokenizerFast.__module__
+    remote = remote_class.from_pretrained(tmp_path)
+    text = "Remote code: 中文 😀"
+    assert remote.encode(text) == official.encode(text) and remote.decode(official.encode(text)) == text
+
+
+def test_encode_bytes_refuses_text(tokenizer):
+    with pytest.raises(TypeError, match="encode_bytes takes bytes, got str: pass `text.encode"):
+        tokenizer.encode_bytes("abc")

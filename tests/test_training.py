@@ -60,9 +60,25 @@ def run_train(output_dir, *extra: str) -> dict:
     """scripts/train.py in this process; returns its final eval metrics."""
     return train.main(
         [
-            "--output_dir", str(output_dir), "--block_size", "64", "--per_device_train_batch_size", "2",
-            "--per_device_eval_batch_size", "8", "--logging_steps", "1", "--save_strategy", "no",
-            "--disable_tqdm", "true", "--report_to", "none", "--seed", "0", *extra,
+            "--output_dir",
+            str(output_dir),
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            "2",
+            "--per_device_eval_batch_size",
+            "8",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+            "--report_to",
+            "none",
+            "--seed",
+            "0",
+            *extra,
         ]
     )
 
@@ -73,9 +89,17 @@ def eval_loss_history(output_dir) -> list[float]:
 
 
 def evaluate(model, dataset) -> float:
-    args = TrainingArguments(output_dir="unused", per_device_eval_batch_size=8, report_to="none", disable_tqdm=True,
-                             remove_unused_columns=False, dataloader_pin_memory=False)
-    return Trainer(model=model, args=args, eval_dataset=dataset, data_collator=default_data_collator).evaluate()["eval_loss"]
+    args = TrainingArguments(
+        output_dir="unused",
+        per_device_eval_batch_size=8,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+    )
+    return Trainer(model=model, args=args, eval_dataset=dataset, data_collator=default_data_collator).evaluate()[
+        "eval_loss"
+    ]
 
 
 def eval_dataset(small_text, cross_documents: bool):
@@ -96,8 +120,21 @@ def test_fine_tuning_lowers_the_loss_and_its_checkpoint_reloads_exactly(
     small_text, tmp_path, method, learning_rate, min_decrease
 ):
     metrics = run_train(
-        tmp_path, "--model", DEFAULT_MODEL, "--method", method, "--data", small_text, "--eval_data", small_text,
-        "--max_steps", "30", "--learning_rate", learning_rate, "--eval_on_start", "true",
+        tmp_path,
+        "--model",
+        DEFAULT_MODEL,
+        "--method",
+        method,
+        "--data",
+        small_text,
+        "--eval_data",
+        small_text,
+        "--max_steps",
+        "30",
+        "--learning_rate",
+        learning_rate,
+        "--eval_on_start",
+        "true",
     )
     losses = eval_loss_history(tmp_path)
     assert losses[-1] == metrics["eval_loss"]
@@ -126,13 +163,34 @@ def test_fine_tuning_lowers_the_loss_and_its_checkpoint_reloads_exactly(
 
 
 def test_state_tuning_resumes_from_a_checkpoint_exactly(small_text, tmp_path):
-    common = ["--model", DEFAULT_MODEL, "--method", "state", "--data", small_text, "--max_steps", "6",
-              "--learning_rate", "0.5", "--save_strategy", "steps", "--save_steps", "3"]
+    common = [
+        "--model",
+        DEFAULT_MODEL,
+        "--method",
+        "state",
+        "--data",
+        small_text,
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "0.5",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+    ]
     run_train(tmp_path / "straight", *common)
     checkpoint = tmp_path / "straight" / "checkpoint-3"
     assert sorted(os.listdir(checkpoint)) == sorted(
-        ["initial_state.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json",
-         "training_args.bin"] + [f for f in os.listdir(checkpoint) if f.startswith("tokenizer") or f.endswith(".txt")]
+        [
+            "initial_state.safetensors",
+            "optimizer.pt",
+            "rng_state.pth",
+            "scheduler.pt",
+            "trainer_state.json",
+            "training_args.bin",
+        ]
+        + [f for f in os.listdir(checkpoint) if f.startswith("tokenizer") or f.endswith(".txt")]
     )
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
     run_train(tmp_path / "resumed", *common, "--resume_from_checkpoint", "last")
@@ -155,7 +213,10 @@ def test_bad_command_lines_and_data_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--config_overrides item 'hidden_size' is not key=value"):
         train.parse_overrides("hidden_size")
     assert train.parse_overrides("hidden_size=64, dropout=0.1,tie_word_embeddings=true,wkv_backend=recurrent") == {
-        "hidden_size": 64, "dropout": 0.1, "tie_word_embeddings": True, "wkv_backend": "recurrent"
+        "hidden_size": 64,
+        "dropout": 0.1,
+        "tie_word_embeddings": True,
+        "wkv_backend": "recurrent",
     }
 
     csv = tmp_path / "docs.csv"
@@ -171,12 +232,26 @@ def test_bad_command_lines_and_data_raise_clear_errors(tmp_path):
     assert train.load_documents(str(text), "text")["text"] == ["First paragraph,\ntwo lines.", "Second paragraph.\n"]
 
 
+@pytest.mark.slow
 def test_training_from_scratch_with_bf16_autocast_and_activation_checkpointing(small_text, tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "tie_word_embeddings": True}))
+    config.write_text(
+        json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "tie_word_embeddings": True})
+    )
     run_train(
-        tmp_path / "out", "--config", str(config), "--data", small_text, "--max_steps", "3", "--learning_rate", "1e-2",
-        "--bf16", "--use_cpu", "--activation_checkpointing", "true",
+        tmp_path / "out",
+        "--config",
+        str(config),
+        "--data",
+        small_text,
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-2",
+        "--bf16",
+        "--use_cpu",
+        "--activation_checkpointing",
+        "true",
     )
     with open(tmp_path / "out" / "trainer_state.json") as handle:
         losses = [entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry]
@@ -192,7 +267,9 @@ def test_training_from_scratch_with_bf16_autocast_and_activation_checkpointing(s
 def random_causal_lm(seed: int, vocab_size: int = 101, wkv_backend: str = "auto") -> RWKV7ForCausalLM:
     """A tiny model with random weights (the official init zeroes the output projections)."""
     torch.manual_seed(seed)
-    config = RWKV7Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, head_dim=32, wkv_backend=wkv_backend)
+    config = RWKV7Config(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, head_dim=32, wkv_backend=wkv_backend
+    )
     model = RWKV7ForCausalLM(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -227,8 +304,8 @@ def test_lora_adapted_model_decodes_token_by_token_like_a_full_pass():
         full = model(input_ids=input_ids).logits
         cache, steps = None, []
         for t in range(input_ids.shape[1]):
-            out = model(input_ids=input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits)
         with model.disable_adapter():
             base = model(input_ids=input_ids).logits
@@ -307,7 +384,9 @@ def test_a_packed_row_gives_each_document_the_losses_it_has_alone(one_thread, wk
         packed = model(**batch)
         packed_losses = token_losses(packed.logits, batch["labels"])
         alone = [token_losses(model(torch.tensor([doc])).logits, torch.tensor([doc])) for doc in (first, second)]
-        leaked = token_losses(model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        leaked = token_losses(
+            model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
 
     n1, n2 = len(first), len(second)
     torch.testing.assert_close(packed_losses[: n1 - 1], alone[0], rtol=0, atol=1e-5)
@@ -339,8 +418,10 @@ def test_data_collator_with_flattening_gives_each_document_the_losses_it_has_alo
 
     with torch.no_grad():
         packed = F.cross_entropy(model(**batch).logits[0, :-1], batch["labels"][0, 1:], reduction="none")
-        alone = [F.cross_entropy(model(torch.tensor([doc])).logits[0, :-1], torch.tensor(doc[1:]), reduction="none")
-                 for doc in documents]
+        alone = [
+            F.cross_entropy(model(torch.tensor([doc])).logits[0, :-1], torch.tensor(doc[1:]), reduction="none")
+            for doc in documents
+        ]
         leaked = F.cross_entropy(model(batch["input_ids"]).logits[0, :-1], batch["labels"][0, 1:], reduction="none")
     start = 0
     for doc, expected in zip(documents, alone):
@@ -354,19 +435,53 @@ def test_data_collator_with_flattening_gives_each_document_the_losses_it_has_alo
 
 def run_accelerate(launch_options: list[str], script_options: list[str], cwd) -> subprocess.CompletedProcess:
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [accelerate, "launch", *launch_options, "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", os.path.join(REPO, "scripts", "train.py"), *script_options]
+    command = [
+        accelerate,
+        "launch",
+        *launch_options,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        os.path.join(REPO, "scripts", "train.py"),
+        *script_options,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_cpu_ddp_ends_with_identical_weights(small_text, tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "tie_word_embeddings": True}))
+    config.write_text(
+        json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "head_dim": 16, "tie_word_embeddings": True})
+    )
     options = [
-        "--config", str(config), "--data", small_text, "--block_size", "32", "--per_device_train_batch_size", "2",
-        "--max_steps", "4", "--learning_rate", "1e-2", "--save_strategy", "no", "--disable_tqdm", "true",
-        "--report_to", "none", "--use_cpu", "--check_replicas", "--output_dir", str(tmp_path / "out"),
+        "--config",
+        str(config),
+        "--data",
+        small_text,
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--check_replicas",
+        "--output_dir",
+        str(tmp_path / "out"),
     ]
     result = run_accelerate(["--multi_gpu", "--num_processes", "2"], options, tmp_path)
     output = result.stdout + result.stderr
@@ -385,6 +500,8 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(small_text, tmp_path):
     assert train.weights_digest(trained) == digests["0"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_accelerate_cpu_launch_without_mpirun_warns_that_it_runs_one_process(tmp_path):
     result = run_accelerate(["--cpu", "--num_processes", "2"], ["--help"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -424,16 +541,29 @@ def test_trainer_teaches_sequence_classification_on_continuous_features(tmp_path
     config = RWKV7Config(vocab_size=None, input_size=6, hidden_size=32, head_dim=16, num_hidden_layers=2, num_labels=2)
     model = RWKV7ForSequenceClassification(config)
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=32, per_device_eval_batch_size=128, num_train_epochs=5,
-        learning_rate=1e-2, warmup_steps=10, weight_decay=0.0, logging_steps=50, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=128,
+        num_train_epochs=5,
+        learning_rate=1e-2,
+        warmup_steps=10,
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
     )
 
     def accuracy(prediction):
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
     trainer = Trainer(
-        model=model, args=args, train_dataset=majority_sign_task(2048, seed=1), eval_dataset=majority_sign_task(512, seed=2),
+        model=model,
+        args=args,
+        train_dataset=majority_sign_task(2048, seed=1),
+        eval_dataset=majority_sign_task(512, seed=2),
         compute_metrics=accuracy,
     )
     before = trainer.evaluate()["eval_accuracy"]
@@ -463,10 +593,20 @@ def test_trainer_fits_a_user_head_on_the_feature_encoder(tmp_path, one_thread):
     eval_set = Dataset.from_dict({"inputs_embeds": features[2048:].tolist(), "labels": targets[2048:].tolist()})
 
     torch.manual_seed(0)
-    model = FeatureRegressor(RWKV7Config(vocab_size=None, input_size=5, hidden_size=32, head_dim=16, num_hidden_layers=1))
+    model = FeatureRegressor(
+        RWKV7Config(vocab_size=None, input_size=5, hidden_size=32, head_dim=16, num_hidden_layers=1)
+    )
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=32, num_train_epochs=6, learning_rate=1e-2,
-        warmup_steps=10, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=32,
+        num_train_epochs=6,
+        learning_rate=1e-2,
+        warmup_steps=10,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set)
     before = trainer.evaluate()["eval_loss"]

@@ -43,10 +43,22 @@ def sft_trainer(mode: str, documents: list[str], output_dir) -> "trl.SFTTrainer"
     autocast) and with TRL's default gradient checkpointing."""
     model = RWKV7ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
     args = trl.SFTConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=len(documents), max_steps=1, optim="sgd",
-        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-        bf16=False, use_cpu=True, dataloader_pin_memory=False, save_strategy="no", report_to="none", disable_tqdm=True,
-        seed=0, **({"max_length": 1024} | MODES[mode]),
+        output_dir=str(output_dir),
+        per_device_train_batch_size=len(documents),
+        max_steps=1,
+        optim="sgd",
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        bf16=False,
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        **({"max_length": 1024} | MODES[mode]),
     )
     return trl.SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict({"text": documents}), processing_class=RWKV7Tokenizer()

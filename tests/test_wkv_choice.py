@@ -57,9 +57,7 @@ def test_every_candidate_chunk_size_matches_the_loop(chunk_size):
     assert_all_close(actual, expected)
 
 
-@pytest.mark.parametrize(
-    "chunk_size, chunked_min_seq_len", [(8, 0), (32, -5), (16, 2), (32, 10**9), (8, 2**63 - 1)]
-)
+@pytest.mark.parametrize("chunk_size, chunked_min_seq_len", [(8, 0), (32, -5), (16, 2), (32, 10**9), (8, 2**63 - 1)])
 @pytest.mark.parametrize("seq_len", [1, 5, 40])
 def test_a_wrong_cached_decision_changes_only_the_speed(forced_choice, chunk_size, chunked_min_seq_len, seq_len):
     """Whatever chunk size and threshold (absurd ones included) the cache holds, `wkv7` gives the loop's results;
@@ -106,7 +104,7 @@ def test_the_decision_is_measured_once_and_kept(monkeypatch):
         wkv7(*(inputs[name][:, :1] for name in INPUT_NAMES))
         assert measured == []
         first = wkv7(*(inputs[name] for name in INPUT_NAMES))
-        (key, choice), = wkv.wkv_choices.items()
+        ((key, choice),) = wkv.wkv_choices.items()
         second = wkv7(*(inputs[name] for name in INPUT_NAMES))
     assert measured == [KEY] and key == KEY and wkv.wkv_choices[key] is choice
     assert torch.equal(torch.random.get_rng_state(), rng_state)  # seeded sampling stays reproducible
@@ -125,7 +123,7 @@ def test_a_decision_with_gradients_is_measured_inside_bfloat16_autocast(monkeypa
     leaves = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, state = wkv7(*(leaves[name] for name in INPUT_NAMES))
-    (key, choice), = wkv.wkv_choices.items()
+    ((key, choice),) = wkv.wkv_choices.items()
     assert key == (BATCH * HEADS, HEAD_DIM, torch.float32, True) and choice.chunk_size in CHUNK_SIZES
     reference = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
     expected_y, expected_state = wkv7_recurrent(*(reference[name] for name in INPUT_NAMES))
@@ -138,6 +136,7 @@ def test_a_decision_with_gradients_is_measured_inside_bfloat16_autocast(monkeypa
 
 
 @pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.compile
 def test_a_compiled_call_reads_the_decision_and_times_nothing(forced_choice, cached):
     """Under torch.compile(fullgraph=True): one graph, no break, nothing measured (the cached decision, or the
     defaults without one), and the loop's results."""
@@ -177,8 +176,9 @@ def test_a_decision_made_inside_activation_checkpointing_keeps_the_recomputation
     grads = torch.autograd.grad((y * y).sum() + state.sum(), [leaves[name] for name in INPUT_NAMES])
     reference = {name: inputs[name].clone().requires_grad_() for name in INPUT_NAMES}
     expected_y, expected_state = wkv7_recurrent(*(reference[name] for name in INPUT_NAMES))
-    expected_grads = torch.autograd.grad((expected_y * expected_y).sum() + expected_state.sum(),
-                                         [reference[name] for name in INPUT_NAMES])
+    expected_grads = torch.autograd.grad(
+        (expected_y * expected_y).sum() + expected_state.sum(), [reference[name] for name in INPUT_NAMES]
+    )
     assert_close_scaled(y, expected_y, 1e-5, "y")
     for name, grad, expected_grad in zip(INPUT_NAMES, grads, expected_grads):
         assert_close_scaled(grad, expected_grad, 1e-5, f"grad of {name}")

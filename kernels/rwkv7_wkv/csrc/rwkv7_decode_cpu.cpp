@@ -89,13 +89,40 @@ RWKV7_AVX512 RWKV7_INLINE __m512 load16(const int8_t* p) {
 }
 
 // y[r, o] as in `gemv_range`, with four accumulators per dot product (the FMA latency would otherwise bound the
-// rate at which int8 and bfloat16 weights, 16 or 32 bytes per 16 values, are read).
+// rate at which int8 and bfloat16 weights, 16 or 32 bytes per 16 values, are read). Rows are taken four at a time
+// where there are that many (batched decoding), each weight vector converted once for the four: the product is then
+// bound by the FMAs rather than by the weight's loads and conversions.
 template <typename T>
 RWKV7_AVX512 void gemv_range_avx512(const T* w, const Vector& scale, const float* x, int64_t rows, int64_t in,
                                     float* y, int64_t out, int64_t begin, int64_t end) {
+  constexpr int kRows = 4;
   for (int64_t o = begin; o < end; ++o) {
     const T* w_row = w + o * in;
-    for (int64_t r = 0; r < rows; ++r) {
+    int64_t r = 0;
+    for (; r + kRows <= rows; r += kRows) {
+      const float* x_rows = x + r * in;
+      __m512 acc[kRows][2];
+      for (int row = 0; row < kRows; ++row) acc[row][0] = acc[row][1] = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 32 <= in; i += 32) {
+        const __m512 w0 = load16(w_row + i), w1 = load16(w_row + i + 16);
+        for (int row = 0; row < kRows; ++row) {
+          acc[row][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x_rows + row * in + i), acc[row][0]);
+          acc[row][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x_rows + row * in + i + 16), acc[row][1]);
+        }
+      }
+      for (; i + 16 <= in; i += 16) {
+        const __m512 w0 = load16(w_row + i);
+        for (int row = 0; row < kRows; ++row)
+          acc[row][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x_rows + row * in + i), acc[row][0]);
+      }
+      for (int row = 0; row < kRows; ++row) {
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[row][0], acc[row][1]));
+        for (int64_t tail = i; tail < in; ++tail) sum += load1(w_row + tail) * x_rows[row * in + tail];
+        y[(r + row) * out + o] = scale.defined() ? sum * scale[o] : sum;
+      }
+    }
+    for (; r < rows; ++r) {
       const float* x_row = x + r * in;
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       int64_t i = 0;

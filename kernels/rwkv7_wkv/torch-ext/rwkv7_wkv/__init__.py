@@ -78,8 +78,25 @@ def decode_vector_bits() -> int:
 
 # The vectors and weights of `block_decode_step`, in the op's order (None where layer 0 has none: v0, v1, v2).
 BLOCK_VECTORS = (
-    "attn_norm.weight", "attn_norm.bias", "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k", "w0", "a0",
-    "v0", "g_norm.weight", "g_norm.bias", "ffn_norm.weight", "ffn_norm.bias", "ffn.x_k",
+    "attn_norm.weight",
+    "attn_norm.bias",
+    "x_r",
+    "x_w",
+    "x_k",
+    "x_v",
+    "x_a",
+    "x_g",
+    "k_k",
+    "k_a",
+    "r_k",
+    "w0",
+    "a0",
+    "v0",
+    "g_norm.weight",
+    "g_norm.bias",
+    "ffn_norm.weight",
+    "ffn_norm.bias",
+    "ffn.x_k",
 )
 BLOCK_WEIGHTS = ("r", "k", "v", "o", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2", "ffn.key", "ffn.value")
 
@@ -104,8 +121,17 @@ def block_decode_step(
     head_dim] float32; all three updated in place. Returns (the block's output [batch, hidden], its value
     [batch, hidden]: in layer 0, the v_first of the later layers). CPU only."""
     return ops.block_decode_step(
-        hidden, v_first, vectors, weights, scales, attn_shift_state, recurrent_state, ffn_shift_state,
-        norm_eps, group_norm_eps, decay_scale,
+        hidden,
+        v_first,
+        vectors,
+        weights,
+        scales,
+        attn_shift_state,
+        recurrent_state,
+        ffn_shift_state,
+        norm_eps,
+        group_norm_eps,
+        decay_scale,
     )
 
 
@@ -158,8 +184,17 @@ def _gemv_fake(rows, weight, scale):
 
 @torch.library.register_fake(add_op_namespace_prefix("block_decode_step"))
 def _block_decode_step_fake(
-    hidden, v_first, vectors, weights, scales, attn_shift_state, recurrent_state, ffn_shift_state,
-    norm_eps, group_norm_eps, decay_scale,
+    hidden,
+    v_first,
+    vectors,
+    weights,
+    scales,
+    attn_shift_state,
+    recurrent_state,
+    ffn_shift_state,
+    norm_eps,
+    group_norm_eps,
+    decay_scale,
 ):
     return hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape)
 
@@ -167,7 +202,15 @@ def _block_decode_step_fake(
 from . import layers  # noqa: E402  (its layers call wkv7)
 
 __all__ = [
-    "BLOCK_VECTORS", "BLOCK_WEIGHTS", "CHECKPOINT_INTERVAL", "HEAD_SIZES", "block_decode_step", "decode_vector_bits",
-    "gemv", "layers",
-    "ops", "wkv7", "wkv7_decode_step",
+    "BLOCK_VECTORS",
+    "BLOCK_WEIGHTS",
+    "CHECKPOINT_INTERVAL",
+    "HEAD_SIZES",
+    "block_decode_step",
+    "decode_vector_bits",
+    "gemv",
+    "layers",
+    "ops",
+    "wkv7",
+    "wkv7_decode_step",
 ]
