@@ -180,14 +180,21 @@ def _is_native_layout(weight_map: Mapping[str, str]) -> bool:
     return NATIVE_PREFIX + "emb.weight" in weight_map
 
 
-def open_fla_checkpoint(folder: str | os.PathLike) -> Checkpoint:
-    """An fla-hub RWKV-7 folder (or one of ours): its `config.json` keys are absorbed by `RWKV7Config`, its
-    safetensors tensor names are ours. Its own `auto_map` (pointing at fla's code) is dropped."""
-    folder = Path(folder)
+def _open_folder(folder: Path) -> tuple[RWKV7Config, dict[str, str], dict]:
+    """A safetensors folder's config, weight map (tensor name -> shard file) and open shard handles, after checking
+    that the weights hold the config's number of layers."""
     config = _folder_config(folder)
     weight_map = _safetensors_weight_map(folder)
     handles = _open_shards(folder, weight_map)
     _check_layer_count(folder, config, weight_map)
+    return config, weight_map, handles
+
+
+def open_fla_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """An fla-hub RWKV-7 folder (or one of ours): its `config.json` keys are absorbed by `RWKV7Config`, its
+    safetensors tensor names are ours. Its own `auto_map` (pointing at fla's code) is dropped."""
+    folder = Path(folder)
+    config, weight_map, handles = _open_folder(folder)
 
     reference = reference_tensors(config)
     stored = set(weight_map) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
@@ -210,10 +217,7 @@ def open_native_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     """A folder in the layout of transformers' own RWKV-7: `rwkv7.`-prefixed official tensor names, `head.weight`,
     its config keys. Raises CheckpointError naming every missing or unknown tensor (in the native names)."""
     folder = Path(folder)
-    config = _folder_config(folder)
-    weight_map = _safetensors_weight_map(folder)
-    handles = _open_shards(folder, weight_map)
-    _check_layer_count(folder, config, weight_map)
+    config, weight_map, handles = _open_folder(folder)
 
     expected = expected_native_names(config)
     optional = set(native_layer0_value_residual(config, torch.float32, device="meta"))
