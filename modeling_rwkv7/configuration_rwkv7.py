@@ -1,5 +1,6 @@
 """RWKV-7 "Goose" (x070) configuration."""
 
+import json
 import math
 
 from transformers import PreTrainedConfig
@@ -8,6 +9,9 @@ from transformers.generation import GenerationConfig
 from .dispatch_rwkv7 import IMPLEMENTATIONS, resolve_implementation
 
 WKV_STATE_DTYPES = ("float32", "bfloat16", "float16")
+
+# No config nests this deep (transformers' own nest three levels); deeper JSON is refused before any recursive walk.
+MAX_CONFIG_DEPTH = 32
 
 # Keys the base `PreTrainedConfig.__post_init__` consumes itself.
 _BASE_CONFIG_KEYS = {
@@ -300,12 +304,20 @@ class RWKV7Config(PreTrainedConfig):
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
-        """transformers' reader (json, then a recursive walk), with JSON nested past Python's recursion limit a
-        ValueError rather than a RecursionError."""
+        """transformers' reader, refusing JSON nested deeper than any config (`MAX_CONFIG_DEPTH`) before its recursive
+        walk, so the outcome does not depend on the interpreter's recursion limit."""
+        with open(json_file, encoding="utf-8") as reader:
+            text = reader.read()
+        too_deep = ValueError(
+            f"{json_file} nests its JSON more than {MAX_CONFIG_DEPTH} levels deep: too deeply to be a config."
+        )
         try:
-            return super()._dict_from_json_file(json_file)
+            config_dict = json.loads(text)
         except RecursionError:
-            raise ValueError(f"{json_file} nests its JSON too deeply to be a config.") from None
+            raise too_deep from None
+        if _json_depth(config_dict) > MAX_CONFIG_DEPTH:
+            raise too_deep
+        return cls._decode_special_floats(config_dict)
 
     @classmethod
     def recommended_defaults(cls) -> dict:
@@ -373,3 +385,17 @@ def default_generation_config(config: RWKV7Config) -> GenerationConfig:
 
 
 __all__ = ["RWKV7Config", "default_generation_config"]
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), walked without recursion."""
+    depth, level = 0, [value]
+    while level:
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        depth += 1
+    return depth - 1

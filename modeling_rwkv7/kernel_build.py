@@ -254,6 +254,15 @@ def compile_extension(
     (include / "registration.h").write_text(REGISTRATION_H)
     make_extension = CUDAExtension if backend == "cuda" else CppExtension
     declared = dict.fromkeys(str(path) for includes in sources.values() for path in includes)
+    # The binary holds source paths (in its error messages): mapped to fixed names, the same sources give the same
+    # bytes wherever they and torch are installed, as the id (a hash of their contents) promises.
+    import torch
+
+    path_maps = [f"-ffile-prefix-map={KERNEL_DIR}=rwkv7_wkv", f"-ffile-prefix-map={Path(torch.__file__).parent}=torch"]
+    flags = {
+        name: [*compiler_flags, *(path_maps if name == "cxx" else [f"-Xcompiler={m}" for m in path_maps])]
+        for name, compiler_flags in flags.items()
+    }
     extension = make_extension(
         name=ops_id,
         sources=list(sources),
@@ -358,6 +367,37 @@ def native_cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def build_into(out: Path, staging: Path, backend: str, ops_id: str, flags: dict, archs: list[str]) -> None:
+    """Compile the `backend` ops as `ops_id` into the empty folder `out` and write the variant's Python files and
+    metadata.json (with its digest) beside them."""
+    config = kernel_config()
+    module = python_module_name(config)
+    compile_extension(ops_id, backend, kernel_sources(config, backend), flags, out, staging)
+
+    for source in sorted((KERNEL_DIR / "torch-ext" / module).glob("*.py")):
+        shutil.copy2(source, out / source.name)
+    (out / "_ops.py").write_text(OPS_PY.format(ops_id=ops_id))
+    (out / module).mkdir()
+    (out / module / "__init__.py").write_text(COMPAT_INIT_PY.format(module=module))
+    metadata = {
+        "name": config["general"]["name"],
+        "id": ops_id,
+        "version": config["general"]["version"],
+        "license": config["general"]["license"],
+        "python-depends": [],
+        "backend": {"type": backend, **({"archs": archs} if archs else {})},
+    }
+    digest = variant_digest(out)  # of every file but metadata.json, so computed before writing it
+    if digest is None:
+        print("note: kernels-data not installed: metadata.json without a digest")
+    else:
+        metadata["digest"] = digest
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    print(check_metadata(out))
+    if backend == "cpu":
+        print(check_abi(out / f"{ops_id}.abi3.so"))
+
+
 def build_variant(backend: str, force: bool = False, build_dir: Path = BUILD_DIR) -> Path:
     """Build the `backend` variant into `build_dir/<variant>` (atomically: a staging folder renamed into place), or
     find it up to date there. Returns the variant directory."""
@@ -365,8 +405,6 @@ def build_variant(backend: str, force: bool = False, build_dir: Path = BUILD_DIR
 
     if backend == "cuda" and torch.version.cuda is None:
         raise SystemExit(f"error: --cuda needs a CUDA build of torch, this one is {torch.__version__}")
-    config = kernel_config()
-    module = python_module_name(config)
     variant = variant_name(backend)
     print(check_variant_accepted(variant, backend))
 
@@ -381,38 +419,24 @@ def build_variant(backend: str, force: bool = False, build_dir: Path = BUILD_DIR
     if not force and up_to_date_variant(build_dir, backend, archs) is not None:
         print(f"up to date: {variant_dir} (id {ops_id})")
         return variant_dir
+    # One id, one binary: a process that loaded one build (the native cache's, say) refuses another build with the
+    # same id, so an up-to-date build in the other place is copied rather than compiled again.
+    twins = [other for other in (BUILD_DIR, native_cache_dir()) if other.resolve() != build_dir.resolve()]
+    twin = None if force else next(filter(None, (up_to_date_variant(other, backend, archs) for other in twins)), None)
 
     started = time.time()
-    print(f"building {variant} (id {ops_id}, backend {backend}{', archs ' + ' '.join(archs) if archs else ''})")
     build_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".staging-{variant}-", dir=build_dir) as staging_name:
         staging = Path(staging_name)
         out = staging / "variant"
-        out.mkdir()
-        compile_extension(ops_id, backend, kernel_sources(config, backend), flags, out, staging)
-
-        for source in sorted((KERNEL_DIR / "torch-ext" / module).glob("*.py")):
-            shutil.copy2(source, out / source.name)
-        (out / "_ops.py").write_text(OPS_PY.format(ops_id=ops_id))
-        (out / module).mkdir()
-        (out / module / "__init__.py").write_text(COMPAT_INIT_PY.format(module=module))
-        metadata = {
-            "name": config["general"]["name"],
-            "id": ops_id,
-            "version": config["general"]["version"],
-            "license": config["general"]["license"],
-            "python-depends": [],
-            "backend": {"type": backend, **({"archs": archs} if archs else {})},
-        }
-        digest = variant_digest(out)  # of every file but metadata.json, so computed before writing it
-        if digest is None:
-            print("note: kernels-data not installed: metadata.json without a digest")
+        if twin is not None:
+            print(f"copying {twin} (id {ops_id}, built from the same sources)")
+            shutil.copytree(twin, out)
+            print(check_metadata(out))
         else:
-            metadata["digest"] = digest
-        (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        print(check_metadata(out))
-        if backend == "cpu":
-            print(check_abi(out / f"{ops_id}.abi3.so"))
+            print(f"building {variant} (id {ops_id}, backend {backend}{' for ' + ' '.join(archs) if archs else ''})")
+            out.mkdir()
+            build_into(out, staging, backend, ops_id, flags, archs)
 
         # another process may have built the same variant meanwhile: its copy is as good as this one
         if up_to_date_variant(build_dir, backend, archs) is None:

@@ -4,6 +4,7 @@ OverflowError, IndexError, RecursionError, a huge allocation or a hang."""
 import json
 import os
 import re
+import sys
 
 import oracle
 import pytest
@@ -88,11 +89,27 @@ def test_fuzzed_config_values_are_value_errors(config_dict, message):
         RWKV7Config.from_dict(config_dict)
 
 
-@pytest.mark.parametrize("nested", ["[" * 3000 + "]" * 3000, '{"a": ' * 600 + "1" + "}" * 600])
-def test_config_json_nested_past_the_recursion_limit_is_a_value_error(tmp_path, nested):
+@pytest.fixture(params=[1000, 20000], ids=["default_limit", "inductor_raised_limit"])
+def recursion_limit(request):
+    """Runs the test under Python's default recursion limit and under a raised one (importing inductor raises it)."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(request.param)
+    yield request.param
+    sys.setrecursionlimit(before)
+
+
+@pytest.mark.parametrize("nested", ["[" * 3000 + "]" * 3000, '{"a": ' * 600 + "1" + "}" * 600, "[" * 33 + "]" * 33])
+def test_config_json_nested_past_the_depth_limit_is_a_value_error(tmp_path, recursion_limit, nested):
     path = tmp_path / "config.json"
     path.write_text('{"model_type": "rwkv7", "x": ' + nested + "}")
-    with pytest.raises(ValueError, match="nests its JSON too deeply to be a config"):  # was a RecursionError
+    with pytest.raises(ValueError, match="nests its JSON more than 32 levels deep: too deeply to be a config"):
+        RWKV7Config.from_json_file(path)  # was a RecursionError, or no error at all under a raised limit
+
+
+def test_config_json_nested_as_deep_as_the_limit_reaches_the_field_check(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "rwkv7", "x": ' + "[" * 31 + "]" * 31 + "}")
+    with pytest.raises(ValueError, match=r"Unknown RWKV7Config field\(s\) \['x'\]"):
         RWKV7Config.from_json_file(path)
 
 

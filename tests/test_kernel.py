@@ -124,6 +124,26 @@ def test_build_is_idempotent(cpu_variant):
     assert so_file.stat().st_mtime_ns == before
 
 
+@pytest.mark.kernel_build
+def test_a_second_build_place_copies_the_same_binary(cpu_variant, native_decoding_ops, tmp_path, capsys):
+    """The native cache and kernels/rwkv7_wkv/build/ hold one binary per id: a process that loaded one refuses a
+    different build under the same id (kernels' same-build check), so a build finding its twin copies it."""
+    from modeling_rwkv7.kernel_build import build_variant
+
+    import kernels
+
+    variant = build_variant("cpu", build_dir=tmp_path / "build")
+    assert "copying" in capsys.readouterr().out
+    so_file = next(variant.glob("*.abi3.so"))
+    assert so_file.read_bytes() == (cpu_variant / so_file.name).read_bytes()
+    # kernels loads it beside the build already loaded in this process (it raised "a different build" before)
+    assert kernels.get_local_kernel(tmp_path, backend="cpu").ops is native_decoding_ops.ops
+    # and a build elsewhere gives the same bytes: the binary names no folder of this machine
+    binary = so_file.read_bytes()
+    for folder in (KERNEL_DIR.resolve(), Path(torch.__file__).resolve().parent):
+        assert str(folder).encode() not in binary, folder
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
