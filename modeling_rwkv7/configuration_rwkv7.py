@@ -12,6 +12,8 @@ WKV_STATE_DTYPES = ("float32", "bfloat16", "float16")
 
 # No config nests this deep (transformers' own nest three levels); deeper JSON is refused before any recursive walk.
 MAX_CONFIG_DEPTH = 32
+# The most labels a sequence-classification config may name (transformers builds an id2label dict of that size).
+MAX_NUM_LABELS = 2**20
 
 # Keys the base `PreTrainedConfig.__post_init__` consumes itself.
 _BASE_CONFIG_KEYS = {
@@ -172,6 +174,11 @@ class RWKV7Config(PreTrainedConfig):
                 raise ValueError(f"RWKV7Config.dtype must be a torch dtype or its name ('bfloat16'), got {value!r}.")
         if getattr(self, "id2label", None) is not None and not isinstance(self.id2label, dict):
             raise ValueError(f"RWKV7Config.id2label must be a dict label id -> name, got {self.id2label!r}.")
+        num_labels = kwargs.get("num_labels")  # checked first: transformers builds a dict of that many labels
+        if num_labels is not None and not (type(num_labels) is int and 1 <= num_labels <= MAX_NUM_LABELS):
+            raise ValueError(
+                f"RWKV7Config.num_labels must be an integer in [1, {MAX_NUM_LABELS}], got {num_labels!r}."
+            )
         super().__post_init__(**kwargs)
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"RWKV7Config.num_labels must be a positive integer, got {self.num_labels!r}.")

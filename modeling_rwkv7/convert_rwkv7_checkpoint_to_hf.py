@@ -84,6 +84,13 @@ def open_official_checkpoint(path: str | os.PathLike) -> Checkpoint:
     state_dict = load_official_state_dict(path)
     if not isinstance(state_dict, Mapping) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
         raise CheckpointError(f"{path} does not hold a state dict (name -> tensor); got {type(state_dict).__name__}.")
+    not_float = {name: tensor.dtype for name, tensor in state_dict.items() if not tensor.is_floating_point()}
+    if not_float:
+        first = next(iter(not_float))
+        raise CheckpointError(
+            f"{path} holds {len(not_float)} tensor(s) that are not floating point, e.g. {first} ({not_float[first]}): "
+            "an official RWKV-7 checkpoint holds float32, bfloat16 or float16 weights."
+        )
     config = checked_official_config(state_dict)
     official_name = {}
     meta = {}
@@ -145,6 +152,11 @@ def _safetensors_weight_map(folder: Path) -> dict[str, str]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
             raise CheckpointError(f"{index_file} has no `weight_map` object (tensor name -> file name).")
+        outside = sorted({file for file in weight_map.values() if Path(file).name != file or file in ("", ".", "..")})
+        if outside:
+            raise CheckpointError(
+                f"{index_file} names shard files outside {folder}: {outside[:3]}; expected plain file names beside it."
+            )
         return weight_map
     if (folder / "model.safetensors").is_file():
         with _open_safetensors(folder / "model.safetensors") as handle:

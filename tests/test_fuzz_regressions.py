@@ -113,6 +113,14 @@ def test_config_json_nested_as_deep_as_the_limit_reaches_the_field_check(tmp_pat
         RWKV7Config.from_json_file(path)
 
 
+@pytest.mark.parametrize("num_labels", [2**20 + 1, 10**12, 0, -3, 2.0, True])
+def test_config_num_labels_out_of_range_is_refused_before_building_labels(num_labels):
+    message = f"RWKV7Config.num_labels must be an integer in [1, 1048576], got {num_labels!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):  # 10**12 ran out of memory building id2label
+        RWKV7Config.from_dict({"num_labels": num_labels})
+    assert RWKV7Config.from_dict({"num_labels": 2**20}).num_labels == 2**20
+
+
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
 @pytest.mark.parametrize("value", ["x", "torch.float32", 5, 1.5, [1]])
 def test_config_dtype_that_names_no_torch_dtype_is_a_value_error(key, value):
@@ -158,6 +166,15 @@ def test_official_checkpoint_with_a_non_matrix_size_tensor_is_refused(tiny_offic
         open_checkpoint(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_official_checkpoint_with_integer_weights_is_refused(tiny_official, tmp_path, dtype):
+    path = tmp_path / "model.pth"
+    torch.save({**tiny_official, "blocks.1.att.x_r": tiny_official["blocks.1.att.x_r"].to(dtype)}, path)
+    message = f"holds 1 tensor(s) that are not floating point, e.g. blocks.1.att.x_r ({dtype})"
+    with pytest.raises(CheckpointError, match=re.escape(message)):  # was cast to the output dtype without a word
+        open_checkpoint(path)
+
+
 class _RunsCode:
     def __init__(self, marker: str):
         self.marker = marker
@@ -189,6 +206,16 @@ def fla_folder(tiny_official, tmp_path):
     config, tensors = official_to_hf(tiny_official)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     return tmp_path, config.to_dict()
+
+
+@pytest.mark.parametrize("shard", ["../model.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_index_json_naming_a_shard_outside_the_folder_is_refused(fla_folder, shard):
+    folder, _ = fla_folder
+    weight_map = {"model.embeddings.weight": "model.safetensors", "lm_head.weight": shard}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    message = f"names shard files outside {folder}: {[shard]!r}; expected plain file names beside it"
+    with pytest.raises(CheckpointError, match=re.escape(message)):  # was read wherever it pointed
+        open_checkpoint(folder)
 
 
 def test_folder_config_with_absurd_layer_count_is_refused_before_building_a_model(fla_folder):
