@@ -22,6 +22,18 @@ def native_decoding_ops():
     return ops
 
 
+@pytest.fixture(scope="session")
+def installed_package(tmp_path_factory):
+    """A fresh non-editable install of the package (`helpers.install_package`) and a working folder outside the
+    repository: (install folder, working folder). Run things in it with `helpers.installed_environment`."""
+    from helpers import install_package
+
+    folder = tmp_path_factory.mktemp("installed")
+    target = install_package(folder)
+    (folder / "work").mkdir()
+    return target, folder / "work"
+
+
 @pytest.fixture(autouse=True)
 def fresh_decisions(tmp_path, monkeypatch):
     """Each test measures its own decisions: none stored on this machine by another test or an earlier run."""

@@ -1,12 +1,32 @@
-"""What several test files share: a small model at a trained model's scale, token-by-token decoding, and the
-closeness measures of logits and states (in the manner of fla's tests/ops/utils.py)."""
+"""What several test files share: a small model at a trained model's scale, token-by-token decoding, the
+closeness measures of logits and states (in the manner of fla's tests/ops/utils.py), and a fresh non-editable
+install seen with one README extra's dependencies only."""
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from modeling_rwkv7.cache_rwkv7 import STATE_NAMES, RWKV7Cache
 
-__all__ = ["STATE_NAMES", "VOCAB", "decode", "random_model", "relative_error", "state_errors", "trained_scale_"]
+__all__ = [
+    "STATE_NAMES",
+    "VOCAB",
+    "decode",
+    "install_package",
+    "installed_environment",
+    "random_model",
+    "relative_error",
+    "state_errors",
+    "trained_scale_",
+]
 
 VOCAB = 1000
 
@@ -64,3 +84,105 @@ def state_errors(actual: RWKV7Cache, expected: RWKV7Cache) -> dict:
             assert a.shape == e.shape and a.dtype == e.dtype, what
             errors[layer_idx, name] = relative_error(a, e)
     return errors
+
+
+# --- a fresh non-editable install, seen with only the dependencies one README extra installs ----------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Run at start-up by the interpreter of `installed_environment` (a sitecustomize.py on its PYTHONPATH): top-level
+# modules of distributions outside the allowed set are not found, as in an environment where they are not installed.
+_ONLY_ALLOWED_DISTRIBUTIONS = """
+import importlib.machinery, importlib.metadata, json, os, re, sys
+
+_allowed = set(json.loads(os.environ["RWKV7_TEST_ALLOWED_DISTRIBUTIONS"]))
+_owners = importlib.metadata.packages_distributions()
+
+
+def _not_installed(name):
+    owners = [re.sub(r"[-_.]+", "-", owner).lower() for owner in _owners.get(name, ())]
+    return bool(owners) and not any(owner in _allowed for owner in owners)
+
+
+class _OnlyAllowedDistributions:
+    def find_spec(self, name, path=None, target=None):
+        if path is None and _not_installed(name):
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.machinery.PathFinder, attribute)
+
+
+sys.meta_path[:] = [
+    _OnlyAllowedDistributions() if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path
+]
+"""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def distribution_closure(distribution, extras: set[str]) -> set[str]:
+    """Canonical names of `distribution`, of what it requires with `extras`, and so on down (what `pip install`
+    of it would bring, as far as this environment has those distributions)."""
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [(distribution, extras)]
+    while todo:
+        dist, wanted = todo.pop()
+        name = _canonical(dist.metadata["Name"])
+        key = (name, frozenset(wanted))
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in wanted | {""}):
+                continue
+            required = distribution if _canonical(requirement.name) == name else None
+            try:
+                required = required or importlib.metadata.distribution(requirement.name)
+            except importlib.metadata.PackageNotFoundError:
+                continue  # not installed here: whatever needs it fails, as it would after that install
+            todo.append((required, set(requirement.extras)))
+    return {name for name, _ in seen}
+
+
+def install_package(work: Path) -> Path:
+    """`pip install --no-deps --target` of a copy of the sources (what a fresh clone's `pip install .` puts in
+    site-packages); returns the install folder."""
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+    for folder in ("modeling_rwkv7", "kernels"):  # modeling_rwkv7/kernel links to kernels/rwkv7_wkv
+        shutil.copytree(REPO / folder, source / folder, symlinks=True, ignore=ignore)
+    target = work / "site-packages"
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet"]
+    done = subprocess.run(
+        [*command, "--target", str(target), str(source)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    shutil.rmtree(source)
+    (work / "startup").mkdir()
+    (work / "startup" / "sitecustomize.py").write_text(_ONLY_ALLOWED_DISTRIBUTIONS)
+    return target
+
+
+def installed_environment(target: Path, extra: str = "") -> dict:
+    """Environment variables under which a Python process imports the package from `target` and sees only the
+    distributions that `pip install ".[extra]"` (or `pip install .` for "") brings; offline."""
+    (ours,) = importlib.metadata.distributions(path=[str(target)], name="modeling_rwkv7")
+    allowed = distribution_closure(ours, {extra} if extra else set()) | {"pip", "setuptools"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(target.parent / "startup"), str(target)]),
+        "PATH": os.pathsep.join([str(target / "bin"), os.environ["PATH"]]),
+        "RWKV7_TEST_ALLOWED_DISTRIBUTIONS": json.dumps(sorted(allowed)),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import installed_environment
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,8 @@ SCRIPT = os.path.join(REPO, "scripts", "fsdp_check.py")
 DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
 
 
-def accelerate_launch(launch_options: list[str], script: str, script_options: list[str], cwd):
+def accelerate_launch(target, launch_options: list[str], script: str, script_options: list[str], cwd):
+    """`accelerate launch` of a script of this checkout, from a fresh install of the train extra (`target`)."""
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     command = [
         accelerate,
@@ -34,7 +36,7 @@ def accelerate_launch(launch_options: list[str], script: str, script_options: li
         script,
         *script_options,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = {**installed_environment(target, "train"), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))
 
 
@@ -47,7 +49,7 @@ def load_fsdp_check():
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_two_fsdp_processes_end_with_the_weights_of_one_process(tmp_path):
+def test_two_fsdp_processes_end_with_the_weights_of_one_process(installed_package, tmp_path):
     options = [
         "--model",
         DEFAULT_MODEL,
@@ -62,7 +64,9 @@ def test_two_fsdp_processes_end_with_the_weights_of_one_process(tmp_path):
         "--seed",
         "3",
     ]
-    result = accelerate_launch(["--multi_gpu"], SCRIPT, [*options, "--output_dir", str(tmp_path / "fsdp")], tmp_path)
+    result = accelerate_launch(
+        installed_package[0], ["--multi_gpu"], SCRIPT, [*options, "--output_dir", str(tmp_path / "fsdp")], tmp_path
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     with open(tmp_path / "fsdp" / "report.json") as handle:
         report = json.load(handle)
@@ -99,7 +103,7 @@ def test_two_fsdp_processes_end_with_the_weights_of_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_train_script_refuses_fsdp_that_accelerate_turns_into_ddp_on_cpu(tmp_path):
+def test_train_script_refuses_fsdp_that_accelerate_turns_into_ddp_on_cpu(installed_package, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "head_dim": 16, "vocab_size": 65536}))
     data = tmp_path / "text.jsonl"
@@ -120,7 +124,9 @@ def test_train_script_refuses_fsdp_that_accelerate_turns_into_ddp_on_cpu(tmp_pat
         "--output_dir",
         str(tmp_path / "out"),
     ]
-    result = accelerate_launch(launch, os.path.join(REPO, "scripts", "train.py"), options, tmp_path)
+    result = accelerate_launch(
+        installed_package[0], launch, os.path.join(REPO, "scripts", "train.py"), options, tmp_path
+    )
     assert result.returncode != 0
     assert "FSDP was asked for, but accelerate" in result.stderr and "MULTI_CPU" in result.stderr, result.stderr[
         -3000:

@@ -3,8 +3,6 @@ converts an official checkpoint (the model card template ships with it) and runs
 official logits."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import oracle
 import pytest
 import torch
+from helpers import installed_environment
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPS_KERNEL_SOURCES = '"kernel/build.toml"' in (REPO / "pyproject.toml").read_text()  # package data
@@ -38,40 +37,19 @@ print("REPORT " + json.dumps({
 """
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """`pip install --no-deps --target` of a copy of the sources (pip builds inside the source folder); returns the
-    install folder, a working folder outside the repository and the environment that imports from the install."""
-    work = tmp_path_factory.mktemp("install")
-    source = work / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, source / name)
-    ignore = shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
-    for folder in ("modeling_rwkv7", "kernels"):  # modeling_rwkv7/kernel links to kernels/rwkv7_wkv
-        shutil.copytree(REPO / folder, source / folder, symlinks=True, ignore=ignore)
-    target = work / "site-packages"
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet"]
+def run(command: list[str], installed_package) -> subprocess.CompletedProcess:
+    target, work = installed_package
     done = subprocess.run(
-        [*command, "--target", str(target), str(source)], capture_output=True, text=True, timeout=600
+        command, cwd=work, env=installed_environment(target), capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    shutil.rmtree(source)
-    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return target, work, env
-
-
-def run(command: list[str], installed) -> subprocess.CompletedProcess:
-    _, work, env = installed
-    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     return done
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_the_install_carries_what_the_package_reads(installed):
-    target, _, _ = installed
+def test_the_install_carries_what_the_package_reads(installed_package):
+    target, _ = installed_package
     package = target / "modeling_rwkv7"
     template = "model_card_template.md"
     assert (package / template).read_text() == (REPO / "modeling_rwkv7" / template).read_text()
@@ -85,18 +63,18 @@ def test_the_install_carries_what_the_package_reads(installed):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_the_installed_converter_and_model_give_the_official_logits(installed, official_checkpoint):
-    target, work, _ = installed
+def test_the_installed_converter_and_model_give_the_official_logits(installed_package, official_checkpoint):
+    target, work = installed_package
     _, path, rwkv_model = official_checkpoint
     module = [sys.executable, "-m", "modeling_rwkv7.convert_rwkv7_checkpoint_to_hf"]
-    run([*module, path + ".pth", "converted", "--base-model", "BlinkDL/rwkv7-g1"], installed)
+    run([*module, path + ".pth", "converted", "--base-model", "BlinkDL/rwkv7-g1"], installed_package)
     card = (work / "converted" / "README.md").read_text()
     assert card.startswith("---\n") and "# converted\n" in card and "BlinkDL/rwkv7-g1" in card
-    run([str(target / "bin" / "rwkv7-convert"), "converted", "native", "--layout", "native"], installed)
+    run([str(target / "bin" / "rwkv7-convert"), "converted", "native", "--layout", "native"], installed_package)
 
     tokens = torch.randint(0, 1000, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     for folder in ("converted", "native"):
-        done = run([sys.executable, "-c", DEMO, folder, json.dumps(tokens)], installed)
+        done = run([sys.executable, "-c", DEMO, folder, json.dumps(tokens)], installed_package)
         report = json.loads(done.stdout.split("REPORT ", 1)[1])
         assert Path(report["package"]).is_relative_to(target), report["package"]
         assert report["model"] == "modeling_rwkv7.modeling_rwkv7.RWKV7ForCausalLM"

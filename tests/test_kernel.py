@@ -128,9 +128,8 @@ def test_build_is_idempotent(cpu_variant):
 def test_a_second_build_place_copies_the_same_binary(cpu_variant, native_decoding_ops, tmp_path, capsys):
     """The native cache and kernels/rwkv7_wkv/build/ hold one binary per id: a process that loaded one refuses a
     different build under the same id (kernels' same-build check), so a build finding its twin copies it."""
-    from modeling_rwkv7.kernel_build import build_variant
-
     import kernels
+    from modeling_rwkv7.kernel_build import build_variant
 
     variant = build_variant("cpu", build_dir=tmp_path / "build")
     assert "copying" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """lm-evaluation-harness scores a saved RWKV-7 folder through its own code (trust_remote_code), offline, on tasks
 defined from local JSONL files; its log-likelihoods are those our model computes directly.
 
-The command (run here in an interpreter where `modeling_rwkv7` is not importable):
+The README's command, run here from a fresh install of the eval extra (`helpers.installed_environment`):
 
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
         --model_args pretrained=<folder>,trust_remote_code=True,dtype=float32,softmax_dtype=float64 \\
@@ -12,21 +12,18 @@ The command (run here in an interpreter where `modeling_rwkv7` is not importable
 import glob
 import json
 import os
-import site
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import installed_environment
 
 from modeling_rwkv7 import RWKV7ForCausalLM, RWKV7Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
 CORPUS = os.path.join(REPO, "data", "shakespeare", "validation.jsonl")
-
-# `python -I -S`: no user site, no .pth files (so no editable install of this package); site-packages comes back
-LM_EVAL = "import sys; sys.path.append(sys.argv.pop(1)); from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
 
 CHOICE_TASK = """task: rwkv7_local_choice
 dataset_path: json
@@ -82,7 +79,7 @@ def write_tasks(folder, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def lm_eval_run(tmp_path_factory):
+def lm_eval_run(installed_package, tmp_path_factory):
     """The shipped default model saved (float32, with its code and tokenizer) to a folder, and lm_eval's results:
     (aggregated results, per-task samples, the HF modules cache)."""
     work = tmp_path_factory.mktemp("lm_eval")
@@ -93,22 +90,18 @@ def lm_eval_run(tmp_path_factory):
     tasks.mkdir()
     write_tasks(tasks, seed=11)
 
+    target, _ = installed_package
     env = {
-        "PATH": os.environ.get("PATH", ""),
+        **installed_environment(target, "eval"),
         "HOME": str(work),
         "HF_HOME": str(work / "hf"),
         "HF_MODULES_CACHE": str(modules),
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
     }
     command = [
         sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        LM_EVAL,
-        site.getsitepackages()[0],
+        "-m",
+        "lm_eval",
         "--model",
         "hf",
         "--model_args",

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai  # the `test` extra has it, with transformers serve's fastapi and uvicorn
 import pytest
 import torch
+from helpers import installed_environment
 from transformers import AutoTokenizer
 
 from modeling_rwkv7 import RWKV7ForCausalLM
@@ -36,10 +37,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(*options: str) -> tuple[subprocess.Popen, str]:
+def start_server(target, *options: str) -> tuple[subprocess.Popen, str]:
+    """The README's launcher, run from a fresh install of the serve extra (`target`) in this checkout."""
     port = free_port()
     command = [sys.executable, "scripts/serve.py", MODEL, "--host", "127.0.0.1", "--port", str(port), *options]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**installed_environment(target, "serve"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -70,9 +72,10 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers():
+def servers(installed_package):
     """A server that runs generate() and one with continuous batching, started side by side."""
-    started = {"generate": start_server(), "continuous batching": start_server("--continuous-batching")}
+    target, _ = installed_package
+    started = {"generate": start_server(target), "continuous batching": start_server(target, "--continuous-batching")}
     try:
         yield {name: wait_until_ready(*server) for name, server in started.items()}
     finally:
