@@ -53,16 +53,19 @@ class NativeDecodeStep:
     decoding step when `dispatch_rwkv7.decode_implementation` says "native" (see there).
 
     `step(input_ids [batch, 1], cache)` returns what the eager model returns for that call (logits [batch, 1, vocab]
-    in the model's dtype; the cache updated in place). Weights may be float32, bfloat16 or torchao int8 weight-only
-    with one scale per row; the arithmetic is float32 whatever their dtype (the eager bfloat16 model rounds after
-    every op). The step holds the model's tensors: in-place updates are seen, and a replaced parameter or module is
-    found at the next call (a few microseconds of identity checks) and read again. `readable()` is False while the
+    in the model's dtype; the cache updated in place). Weights may be float32, bfloat16, torchao int8 weight-only
+    with one scale per row, or torchao int4 weight-only with symmetric scales per group of a multiple of 32
+    (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))`, llama.cpp's Q4_0 layout), which the
+    step packs two values per byte once, when it reads them. The arithmetic is float32 whatever their dtype (the
+    eager bfloat16 model rounds after every op). The step holds the model's tensors (the int4 ones packed): in-place
+    updates are seen, and a replaced parameter or module is found at the next call (a few microseconds of identity
+    checks) and read again. `readable()` is False while the
     model holds a module the ops cannot read (a PEFT adapter, a replaced layer, weights in another format; said
     once, naming it): the eager model decodes then. Not differentiable.
     """
 
     def __init__(self, model, kernel):
-        missing = [name for name in ("block_decode_step", "gemv") if not hasattr(kernel, name)]
+        missing = [name for name in ("block_decode_step", "gemv", "pack_int4") if not hasattr(kernel, name)]
         if missing:
             raise ValueError(
                 f"The kernel module {getattr(kernel, '__name__', kernel)!r} has no {missing}: it is not a CPU "
@@ -78,7 +81,7 @@ class NativeDecodeStep:
     def _read_model(self) -> Optional[dict]:
         """The model's tensors as the ops take them, recording where each came from; None (said once) while a
         module is one the ops cannot read."""
-        self._sources = read = _Sources()
+        self._sources = read = _Sources(self.kernel.pack_int4)
         try:
             model = read.child(self.model, "model")
             layers = read.child(model, "layers")
@@ -153,8 +156,9 @@ class _Sources:
     """Where each tensor the native step holds was read from (a module's `_modules` or `_parameters` entry), so
     that a call can check that none was replaced since."""
 
-    def __init__(self):
+    def __init__(self, pack_int4):
         self.entries = []
+        self.pack_int4 = pack_int4  # the kernel's: int4 values [out, in] -> the uint8 [out, in / 2] the ops read
 
     def child(self, module, name: str):
         return self._read(module._modules, name)
@@ -187,7 +191,8 @@ def _weight_and_scale(read: _Sources, module, path: str, has_bias: bool = False)
     if type(module) is not RWKV7Linear:
         raise _NotNative(f"{path} is a {type(module).__name__}, not the model's own RWKV7Linear")
     weight = read.param(module, "weight")
-    kind = weight_kind(weight, weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    input_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    kind = "int4_groups" if _is_int4_groups(weight) else weight_kind(weight, input_dtype)
     if (
         (module.bias is not None) != has_bias
         or kind is None
@@ -196,12 +201,36 @@ def _weight_and_scale(read: _Sources, module, path: str, has_bias: bool = False)
         raise _NotNative(
             f"{path} holds a {type(weight).__name__} of dtype {weight.dtype} "
             f"{'with' if module.bias is not None else 'without'} "
-            f"bias; the native ops read float32 / bfloat16 weights or torchao int8 weight-only ones with a scale per "
-            f"row, {'with' if has_bias else 'without'} bias"
+            f"bias; the native ops read float32 / bfloat16 weights, torchao int8 weight-only ones with a scale per "
+            f"row or int4 weight-only ones with symmetric scales per group of 32k values, "
+            f"{'with' if has_bias else 'without'} bias"
         )
     if kind == "int8_rows":
         return weight.qdata, weight.scale.view(-1)
+    if kind == "int4_groups":
+        scale = weight.scale if weight.scale.dtype in _NATIVE_DTYPES else weight.scale.float()
+        return read.pack_int4(weight.qdata), scale.reshape(weight.shape[0], -1).contiguous()
     return weight, None
+
+
+def _is_int4_groups(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a torchao int4 weight-only tensor with symmetric scales per group of a multiple of 32
+    values of a row (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g))`), which the native
+    ops read packed two values per byte."""
+    try:
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+    except ImportError:
+        return False
+    if not isinstance(weight, IntxUnpackedToInt8Tensor) or weight.target_dtype != torch.int4:
+        return False
+    rows, group = weight.block_size
+    return (
+        weight.activation_quantization is None
+        and rows == 1
+        and group % 32 == 0
+        and weight.shape[1] % group == 0
+        and (weight.zero_point is None or not weight.zero_point.any())
+    )
 
 
 # The projections of a block in the order of the kernel's BLOCK_WEIGHTS; the w, a and v LoRAs' second layers have

@@ -1,8 +1,9 @@
 """The native CPU decoding step (the package's `block_decode_step` per block and `gemv` for the head), which a plain
 decoding call of the model takes by default on CPU (`dispatch_rwkv7`), computes what the eager model computes, token
 after token: float32 weights to float32 rounding; bfloat16 weights in float32 (no further from the float32 truth
-than the eager bfloat16 model); torchao int8 weights as their dequantized values. `gemv` against F.linear for every
-projection shape of the presets. Calls the step cannot run (adapters, padding, gradients) run the eager model."""
+than the eager bfloat16 model); torchao int8 and int4 weights as their dequantized values. `gemv` against F.linear
+for every projection shape of the presets. Calls the step cannot run (adapters, padding, gradients) run the eager
+model."""
 
 import copy
 import logging
@@ -147,6 +148,107 @@ def test_int8_native_step_computes_the_dequantized_weights(counting):
     assert max(errors.values()) <= 1e-5, errors
     # really quantized: the original float32 weights give other logits
     assert relative_error(truth, decode(original, tokens, original.init_cache(batch_size=2))) > 1e-3
+
+
+def int4_config(group_size: int = 32):
+    """torchao's int4 weight-only config with symmetric scales per group (llama.cpp's Q4_0 layout at 32)."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+
+
+def dequantized_copy(original: RWKV7ForCausalLM, quantized: RWKV7ForCausalLM) -> RWKV7ForCausalLM:
+    """`original` holding the dequantized float32 values of `quantized`'s projection weights."""
+    dequantized = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, RWKV7Linear):
+                dequantized.get_submodule(name).weight.copy_(module.weight.dequantize())
+    return dequantized
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int4_native_step_computes_the_dequantized_weights(counting, batch):
+    """torchao int4 weight-only, symmetric per group (every projection and the head): over 64 tokens from a fresh
+    cache the native step's logits and every state tensor equal the float32 eager model holding the dequantized
+    weights, and greedy generate() gives its tokens."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor, quantize_
+
+    original = random_model(seed=83)
+    model = copy.deepcopy(original)
+    quantize_(model, int4_config(32))
+    projections = [m for m in model.modules() if isinstance(m, RWKV7Linear)]
+    assert len(projections) == 27 and all(isinstance(m.weight, IntxUnpackedToInt8Tensor) for m in projections)
+    dequantized = dequantized_copy(original, model)
+    tokens = tokens_for(batch, 64, seed=84)
+    native_cache, truth_cache = model.init_cache(batch_size=batch), dequantized.init_cache(batch_size=batch)
+    native = decode(default_path(model), tokens, native_cache)
+    assert counting.blocks == 64 * len(model.model.layers)
+    truth = decode(dequantized, tokens, truth_cache)
+    assert relative_error(native, truth) <= 1e-5
+    errors = state_errors(native_cache, truth_cache)
+    assert max(errors.values()) <= 1e-5, errors
+    assert relative_error(truth, decode(original, tokens, original.init_cache(batch_size=batch))) > 1e-2  # 4 bits
+    prompt = tokens[:, :5]
+    greedy = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, **greedy), dequantized.generate(prompt, **greedy))
+
+
+def test_int4_weights_from_from_pretrained_decode_natively(counting, tmp_path):
+    """`from_pretrained(..., quantization_config=TorchAoConfig(int4 config))`, then a plain generate(): the native
+    step runs, and gives the tokens of the same model decoding eagerly (torchao's own int4 linear)."""
+    from transformers import TorchAoConfig
+
+    default_path(random_model(seed=85)).save_pretrained(tmp_path)
+    config = TorchAoConfig(int4_config(32), modules_to_not_convert=[])
+    model = RWKV7ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=config)
+    assert type(model.lm_head.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    prompt = tokens_for(2, 6, seed=86)
+    greedy = dict(
+        max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    native = model.generate(prompt, **greedy)
+    assert counting.blocks == 9 * len(model.model.layers)  # every decoding step after the prefill
+    model.set_implementation(decode="eager")
+    eager = model.generate(prompt, **greedy)
+    assert torch.equal(native.sequences, eager.sequences)
+    for native_logits, eager_logits in zip(native.logits, eager.logits):
+        assert relative_error(native_logits, eager_logits) <= 1e-4  # torchao dequantizes in its own order
+
+
+def int4_groups_weight(out_features: int, in_features: int, group_size: int, generator, scale_dtype=torch.float32):
+    """Random int4 values over the whole range and one positive scale per group of `group_size` values of a row."""
+    q = torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(out_features, in_features // group_size, generator=generator) + 0.5) * (in_features**-0.5 / 4)
+    return q, scale.to(scale_dtype)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, group_size", [((64, 128), 32), ((96, 768), 128), ((7, 64), 64), ((768, 3072), 32)])
+def test_gemv_of_an_int4_weight_equals_f_linear_of_its_values(kernel, shape, group_size, scale_dtype):
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(out_features + in_features + group_size)
+    q, scale = int4_groups_weight(out_features, in_features, group_size, generator, scale_dtype)
+    packed = kernel.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (out_features, in_features // 2)
+    dense = (q.float().reshape(out_features, -1, group_size) * scale.float()[:, :, None]).reshape(shape)
+    for n in (1, 2, 3, 4, 5, 8, 16):
+        rows = torch.randn(n, in_features, generator=generator)
+        assert relative_error(kernel.gemv(rows, packed, scale), F.linear(rows, dense)) <= 1e-5, f"{n} rows"
+
+
+def test_int4_packing_and_scales_are_checked(kernel):
+    q = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"pack_int4 takes integers in \[-8, 7\] with a multiple of 32 per row"):
+        kernel.pack_int4(q[:, :48])
+    with pytest.raises(ValueError, match=r"got torch.int8 \[4, 64\] in \[-9, -9\]"):
+        kernel.pack_int4(q - 9)
+    packed, rows = kernel.pack_int4(q), torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match=r"int4 weight 0 \(uint8 \[4, 32\]\) needs scales \[4, groups\]"):
+        kernel.gemv(rows, packed, None)
+    with pytest.raises(RuntimeError, match="has 3 scale groups; a group must be a multiple of 32 values"):
+        kernel.gemv(rows, packed, torch.ones(4, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -370,6 +472,9 @@ class CountingKernel:
 
     def gemv(self, *args):
         return self.kernel.gemv(*args)
+
+    def pack_int4(self, values):
+        return self.kernel.pack_int4(values)
 
 
 def fallback_warnings(caplog) -> list:

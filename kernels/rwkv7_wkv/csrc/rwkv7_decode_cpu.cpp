@@ -1,4 +1,5 @@
-// CPU decoding ops: `gemv` (a few rows times a float32, bfloat16 or per-row-scaled int8 weight, streamed once) and
+// CPU decoding ops: `gemv` (a few rows times a float32, bfloat16, per-row-scaled int8 or per-group-scaled int4
+// weight, streamed once) and
 // `block_decode_step` (one token through a whole RWKV-7 block: norms, token shift, the six lerps, the LoRAs, the
 // WKV step, group norm, bonus, gate and the channel mix, in float32, with the block's state updated in place).
 // The arithmetic follows modeling_rwkv7/modeling_rwkv7.py, which tests/test_decode_native.py checks it against.
@@ -18,7 +19,10 @@
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
-// Weights: [out, in] row-major; float32, bfloat16, or int8 with one (float32 or bfloat16) scale per output row.
+// Weights: [out, in] row-major; float32, bfloat16, or int8 with one (float32 or bfloat16) scale per output row; or
+// int4 as uint8 [out, in / 2] with one scale per group of `group` (a multiple of 32) values of a row, [out, in /
+// group]. Within each 32 values of a row, byte j holds value j in its low nibble and value j + 16 in its high nibble,
+// each stored as value + 8 (llama.cpp's Q4_0 order, which unpacks into two runs of 16).
 
 inline float bf16_to_float(uint16_t bits) {
   uint32_t word = static_cast<uint32_t>(bits) << 16;
@@ -50,9 +54,10 @@ Vector as_vector(const at::Tensor& t, int64_t numel, const char* what, int64_t i
 
 struct Weight {
   const void* data = nullptr;
-  Vector scale;  // int8 only: [out]
-  at::ScalarType dtype = at::kFloat;
+  Vector scale;  // int8: [out]; int4: [out, in / group]
+  at::ScalarType dtype = at::kFloat;  // kByte: int4
   int64_t out = 0, in = 0;
+  int64_t group = 0;  // int4 only
 };
 
 #define RWKV7_INLINE __attribute__((always_inline)) inline
@@ -137,11 +142,75 @@ RWKV7_AVX512 void gemv_range_avx512(const T* w, const Vector& scale, const float
   }
 }
 
+// int4 (portable form): y[r, o] = sum over groups g of scale[o, g] * sum_{i in g} (q[o, i] - 8) x[r, i].
+RWKV7_INLINE void gemv_int4_range(const Weight& w, const float* x, int64_t rows, float* y, int64_t begin, int64_t end) {
+  const int64_t groups = w.in / w.group;
+  const uint8_t* packed = static_cast<const uint8_t*>(w.data);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* w_row = packed + o * (w.in / 2);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x_row = x + r * w.in;
+      float sum = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float acc = 0.f;
+        for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 32) {
+          const uint8_t* q = w_row + i / 2;
+#pragma omp simd reduction(+ : acc)
+          for (int j = 0; j < 16; ++j)
+            acc += static_cast<float>((q[j] & 15) - 8) * x_row[i + j] + static_cast<float>((q[j] >> 4) - 8) * x_row[i + 16 + j];
+        }
+        sum += acc * w.scale[o * groups + g];
+      }
+      y[r * w.out + o] = sum;
+    }
+  }
+}
+
+// int4 (AVX-512): 32 values (16 bytes) unpacked into two float32 vectors, for `kRows` rows at a time.
+template <int kRows>
+RWKV7_AVX512 RWKV7_INLINE void gemv_int4_rows_avx512(const Weight& w, const uint8_t* w_row, int64_t o,
+                                                     const float* x_rows, float* y_rows) {
+  const int64_t groups = w.in / w.group;
+  const __m512i mask = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  __m512 total[kRows];
+  for (int row = 0; row < kRows; ++row) total[row] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[kRows][2];
+    for (int row = 0; row < kRows; ++row) acc[row][0] = acc[row][1] = _mm512_setzero_ps();
+    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 32) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w_row + i / 2)));
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, mask), eight));
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
+      for (int row = 0; row < kRows; ++row) {
+        acc[row][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x_rows + row * w.in + i), acc[row][0]);
+        acc[row][1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x_rows + row * w.in + i + 16), acc[row][1]);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(w.scale[o * groups + g]);
+    for (int row = 0; row < kRows; ++row)
+      total[row] = _mm512_fmadd_ps(_mm512_add_ps(acc[row][0], acc[row][1]), scale, total[row]);
+  }
+  for (int row = 0; row < kRows; ++row) y_rows[row * w.out + o] = _mm512_reduce_add_ps(total[row]);
+}
+
+RWKV7_AVX512 void gemv_int4_range_avx512(const Weight& w, const float* x, int64_t rows, float* y, int64_t begin,
+                                         int64_t end) {
+  const uint8_t* packed = static_cast<const uint8_t*>(w.data);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* w_row = packed + o * (w.in / 2);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) gemv_int4_rows_avx512<4>(w, w_row, o, x + r * w.in, y + r * w.out);
+    for (; r < rows; ++r) gemv_int4_rows_avx512<1>(w, w_row, o, x + r * w.in, y + r * w.out);
+  }
+}
+
 using GemvRange = void (*)(const Weight&, const float*, int64_t, float*, int64_t, int64_t);
 
-#define RWKV7_GEMV_FOR_TARGET(name, attributes, range)                                                           \
+#define RWKV7_GEMV_FOR_TARGET(name, attributes, range, int4_range)                                               \
   attributes void name(const Weight& w, const float* x, int64_t rows, float* y, int64_t begin, int64_t end) {   \
     switch (w.dtype) {                                                                                           \
+      case at::kByte:                                                                                            \
+        return int4_range(w, x, rows, y, begin, end);                                                            \
       case at::kFloat:                                                                                           \
         return range(static_cast<const float*>(w.data), w.scale, x, rows, w.in, y, w.out, begin, end);          \
       case at::kBFloat16:                                                                                        \
@@ -151,9 +220,9 @@ using GemvRange = void (*)(const Weight&, const float*, int64_t, float*, int64_t
     }                                                                                                            \
   }
 
-RWKV7_GEMV_FOR_TARGET(gemv_avx512, RWKV7_AVX512, gemv_range_avx512)
-RWKV7_GEMV_FOR_TARGET(gemv_avx2, __attribute__((target("avx2,fma"))), gemv_range)
-RWKV7_GEMV_FOR_TARGET(gemv_baseline, , gemv_range)
+RWKV7_GEMV_FOR_TARGET(gemv_avx512, RWKV7_AVX512, gemv_range_avx512, gemv_int4_range_avx512)
+RWKV7_GEMV_FOR_TARGET(gemv_avx2, __attribute__((target("avx2,fma"))), gemv_range, gemv_int4_range)
+RWKV7_GEMV_FOR_TARGET(gemv_baseline, , gemv_range, gemv_int4_range)
 #undef RWKV7_GEMV_FOR_TARGET
 
 // The best variant the CPU runs, capped like torch's own kernels by ATEN_CPU_CAPABILITY ("default", "avx2").
@@ -205,7 +274,9 @@ const WkvHead wkv_head_for_cpu = gemv_range_for_cpu == gemv_avx512 ? wkv_head_av
                                  : gemv_range_for_cpu == gemv_avx2  ? wkv_head_avx2
                                                                     : wkv_head_baseline;
 
-int64_t row_bytes(const Weight& w) { return w.in * (w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1); }
+int64_t row_bytes(const Weight& w) {
+  return w.dtype == at::kByte ? w.in / 2 : w.in * (w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1);
+}
 
 // What the thread that computed an output applies to it while it is in its cache, with z = y (+ bias): kNone z,
 // kTanh tanh z, kSigmoid sigmoid z, kReluSquare max(z, 0)^2, kDecay exp(-decay_scale * sigmoid z).
@@ -276,9 +347,18 @@ Weight as_weight(const at::Tensor& weight, const std::optional<at::Tensor>& scal
     TORCH_CHECK(scale.has_value(), "rwkv7 decode: int8 weight ", index, " needs one scale per output row (", w.out,
                 "), got none");
     w.scale = as_vector(*scale, w.out, "scale of weight", index);
+  } else if (w.dtype == at::kByte) {
+    w.in = 2 * weight.size(1);
+    TORCH_CHECK(scale.has_value() && scale->dim() == 2 && scale->size(0) == w.out && scale->size(1) > 0,
+                "rwkv7 decode: int4 weight ", index, " (uint8 [", w.out, ", ", w.in / 2,
+                "]) needs scales [", w.out, ", groups]");
+    w.group = w.in / scale->size(1);
+    TORCH_CHECK(w.group * scale->size(1) == w.in && w.group % 32 == 0, "rwkv7 decode: int4 weight ", index, " of ",
+                w.in, " values per row has ", scale->size(1), " scale groups; a group must be a multiple of 32 values");
+    w.scale = as_vector(*scale, w.out * scale->size(1), "scale of weight", index);
   } else {
     TORCH_CHECK(w.dtype == at::kFloat || w.dtype == at::kBFloat16, "rwkv7 decode: weight ", index,
-                " must be float32, bfloat16 or int8 (with scales), got ", w.dtype);
+                " must be float32, bfloat16, int8 or int4 as uint8 (with scales), got ", w.dtype);
     TORCH_CHECK(!scale.has_value(), "rwkv7 decode: weight ", index, " is ", w.dtype, " and takes no scale");
   }
   return w;

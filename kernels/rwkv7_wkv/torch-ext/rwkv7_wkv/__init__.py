@@ -14,9 +14,9 @@ Per head, with the state ``S`` laid out ``[value, key]``:
 included); `wkv7_decode_step` advances a state by one token in place. Head sizes: `HEAD_SIZES`. `layers.RWKV7WKV`
 is the hub layer `kernels.kernelize` puts in place of `modeling_rwkv7`'s WKV layer.
 
-The CPU build also has the decoding ops: `gemv` (a few rows times a float32, bfloat16 or per-row-scaled int8
-weight) and `block_decode_step` (one token through a whole RWKV-7 block, its state updated in place), which
-`modeling_rwkv7.decode_rwkv7.native_decode_step` drives.
+The CPU build also has the decoding ops: `gemv` (a few rows times a float32, bfloat16, per-row-scaled int8 or
+per-group-scaled int4 weight, the last packed by `pack_int4`) and `block_decode_step` (one token through a whole
+RWKV-7 block, its state updated in place), which `modeling_rwkv7.decode_rwkv7.native_decode_step` drives.
 """
 
 from typing import Optional
@@ -65,9 +65,24 @@ def wkv7_decode_step(
 
 
 def gemv(rows: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``rows [n, in] @ weight [out, in]^T`` (times ``scale [out]`` for an int8 weight), summed in float32 and
-    returned in the rows' dtype (float32 or bfloat16); weight float32, bfloat16 or int8. CPU only."""
+    """``rows [n, in] @ weight [out, in]^T``, summed in float32 and returned in the rows' dtype (float32 or
+    bfloat16). weight: float32 or bfloat16; int8 times ``scale [out]``; or int4 from `pack_int4` (uint8
+    [out, in / 2]) times ``scale [out, in / group]``, one per group of `group` values (a multiple of 32). CPU only."""
     return ops.gemv(rows, weight, scale)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """int4 values [out, in] (an integer tensor in [-8, 7], in a multiple of 32) as the decoding ops read them:
+    uint8 [out, in / 2], where byte j of each 32 values holds value j + 8 in its low nibble and value j + 16 (+ 8)
+    in its high nibble (llama.cpp's Q4_0 order)."""
+    out, size = values.shape
+    if size % 32 or values.dtype.is_floating_point or values.min() < -8 or values.max() > 7:
+        raise ValueError(
+            f"pack_int4 takes integers in [-8, 7] with a multiple of 32 per row, got {values.dtype} "
+            f"[{out}, {size}] in [{values.min()}, {values.max()}]"
+        )
+    biased = (values.to(torch.int16) + 8).to(torch.uint8).reshape(out, size // 32, 2, 16)
+    return (biased[:, :, 0] | (biased[:, :, 1] << 4)).reshape(out, size // 2).contiguous()
 
 
 def decode_vector_bits() -> int:
@@ -116,10 +131,11 @@ def block_decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token through an RWKV-7 block, in float32. hidden: [batch, hidden] float32, the block's input. v_first:
     layer 0's value [batch, hidden] float32 (None in layer 0). vectors / weights / scales: in the order of
-    `BLOCK_VECTORS` / `BLOCK_WEIGHTS` (weights [out, in] float32, bfloat16 or int8 with a scale per row, else
-    None). attn_shift_state, ffn_shift_state: [batch, hidden]; recurrent_state: [batch, heads, head_dim,
-    head_dim] float32; all three updated in place. Returns (the block's output [batch, hidden], its value
-    [batch, hidden]: in layer 0, the v_first of the later layers). CPU only."""
+    `BLOCK_VECTORS` / `BLOCK_WEIGHTS` (weights [out, in] float32, bfloat16, int8 with a scale per row, or int4
+    from `pack_int4` with a scale per group, as `gemv` takes them; else None). attn_shift_state, ffn_shift_state:
+    [batch, hidden]; recurrent_state: [batch, heads, head_dim, head_dim] float32; all three updated in place.
+    Returns (the block's output [batch, hidden], its value [batch, hidden]: in layer 0, the v_first of the later
+    layers). CPU only."""
     return ops.block_decode_step(
         hidden,
         v_first,
@@ -211,6 +227,7 @@ __all__ = [
     "gemv",
     "layers",
     "ops",
+    "pack_int4",
     "wkv7",
     "wkv7_decode_step",
 ]
