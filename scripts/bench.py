@@ -1,13 +1,14 @@
-"""CPU benchmark: this project (float32, bfloat16, int8 weights) vs rwkv7-hf 0.9.0 vs BlinkDL's `rwkv` 0.8.32.
+"""CPU benchmark: this project (float32, bfloat16, int8, int4 weights) vs rwkv7-hf 0.9.0 vs BlinkDL's `rwkv` 0.8.32.
 
 Model: the RWKV-7 0.1B shape (12 layers, hidden 768, vocab 65536) with random weights at a trained model's scale,
 2 threads. Cases: prefill 1x512 and 4x512 (all logits, and 1x512 keeping only the last logit), decode at batch 1
 (ms/token after a 16-token prompt), training forward+backward 2x256 with labels (tokens/s, peak RSS).
 Variants of ours (`--dtypes`): fp32; bf16 (bfloat16 weights and activations, float32 recurrent state); int8
 (torchao `Int8WeightOnlyConfig` on every projection, the vocabulary head included, bfloat16 activations; loaded
-with `from_pretrained(..., quantization_config=TorchAoConfig(...))`; no training). Each is a plain
-`from_pretrained` model called as users call it: its decoding steps take the default path (the package's native CPU
-decoding ops, `dispatch_rwkv7`). `--eager` adds, for decoding, each dtype with the eager modules forced
+with `from_pretrained(..., quantization_config=TorchAoConfig(...))`; no training); int4 (likewise, torchao
+`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))`: symmetric scales per 32 values). Each
+is a plain `from_pretrained` model called as users call it: its decoding steps take the default path (the package's
+native CPU decoding ops, `dispatch_rwkv7`). `--eager` adds, for decoding, each dtype with the eager modules forced
 (`implementation={"decode": "eager"}`); `--compiled` each dtype through `compile_decode_step` (torch.compile;
 compiled during the warm-up). The peers run fp32. `decode_b32` decodes 32 rows at once (aggregate tokens/s against
 the matmul floor; ours only), `first_call` is the extra time of a fresh process's first generate() over its second
@@ -22,11 +23,12 @@ run records the CPU time other processes used meanwhile (from /proc/stat); a run
 
 Also measured and printed first: the machine (CPU model, ISA flags, threads), its fp32 and bf16 matmul GFLOP/s
 and copy bandwidth (the floors the "x floor" column refers to); printed last: the few-row products and WKV paths
-our model chose on this machine. `--quality` adds the accuracy of bf16 and int8 on the built-in default model:
-logit error against fp32, held-out perplexity (data/shakespeare/validation.jsonl), greedy generation of 32 tokens.
+our model chose on this machine. `--quality` adds the accuracy of bf16, int8 and int4 on the built-in default
+model: logit error against fp32, held-out perplexity (data/shakespeare/validation.jsonl), greedy generation of 32
+tokens.
 
     pip install -e ".[bench]"
-    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8] [--compiled] [--eager] [--quality]
+    python scripts/bench.py [--rounds 3] [--reps 2] [--dtypes fp32,bf16,int8,int4] [--compiled] [--eager] [--quality]
                             [--peers ours,rwkv7_hf,rwkv_pip] [--cases ...]
     python scripts/bench.py --smoke          # 1 round, 1 run, fewer tokens: checks that everything runs
 """
@@ -45,7 +47,7 @@ PRESET = os.path.join(REPO, "configuration", "rwkv7-0.1b.json")
 DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
 HELD_OUT = os.path.join(REPO, "data", "shakespeare", "validation.jsonl")
 PEERS = ("ours", "rwkv7_hf", "rwkv_pip")
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "int4")
 COMPILED = "+compiled"  # a dtype suffix: ours decoding through modeling_rwkv7.decode_rwkv7.compile_decode_step
 EAGER = "+eager"  # a dtype suffix: ours decoding through its eager modules (implementation={"decode": "eager"})
 DECODE_PATHS = (COMPILED, EAGER)
@@ -62,6 +64,7 @@ CASES = {
 UNSUPPORTED = {
     ("rwkv_pip", "fp32", "train_2x256"),
     ("ours", "int8", "train_2x256"),
+    ("ours", "int4", "train_2x256"),
     ("rwkv_pip", "fp32", "decode_b32"),
     ("rwkv7_hf", "fp32", "decode_b32"),
     ("rwkv_pip", "fp32", "first_call"),
@@ -171,17 +174,22 @@ def prepare_weights(workdir: str) -> dict:
 
 
 def load_ours(path: str, dtype: str, **kwargs):
-    """Our RWKV7ForCausalLM from `path` in one of DTYPES (int8: torchao weight-only on every projection)."""
+    """Our RWKV7ForCausalLM from `path` in one of DTYPES (int8, int4: torchao weight-only on every projection)."""
     import torch
 
     import modeling_rwkv7  # noqa: F401  (registers the model)
     from modeling_rwkv7 import RWKV7ForCausalLM
 
-    if dtype == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
+    if dtype in ("int8", "int4"):
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
         from transformers import TorchAoConfig
 
-        quantization = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=[])  # the head too
+        if dtype == "int8":
+            weights = Int8WeightOnlyConfig()
+        else:
+            weights = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        quantization = TorchAoConfig(weights, modules_to_not_convert=[])  # the head too
         return RWKV7ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization, **kwargs)
     return RWKV7ForCausalLM.from_pretrained(
         path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], **kwargs
@@ -200,7 +208,7 @@ def peak_rss_mb() -> float:
 
 
 def base_dtype(variant: str) -> str:
-    """fp32 / bf16 / int8 of a variant of ours ("bf16+eager" -> "bf16")."""
+    """fp32 / bf16 / int8 / int4 of a variant of ours ("bf16+eager" -> "bf16")."""
     for suffix in DECODE_PATHS:
         variant = variant.removesuffix(suffix)
     return variant
@@ -390,7 +398,7 @@ def run_ceilings(reps: int, load_limit: float, retries: int) -> dict:
     }
 
 
-# --- accuracy of bf16 and int8 on the default model ------------------------------------------------------------
+# --- accuracy of bf16, int8 and int4 on the default model ---------------------------------------------------------
 
 
 def run_quality(max_tokens: int) -> dict:
@@ -456,7 +464,8 @@ def _greedy_margins(generated, prompt) -> list[float]:
 
 def floors(ceilings: dict) -> dict:
     """Seconds (decode: per token) a perfect implementation would need on this machine, per (case, dtype): matmul
-    FLOPs at the fp32 (bf16 for bf16 and int8) GEMM rate; decode bytes at the copy bandwidth."""
+    FLOPs at the fp32 (bf16 for bf16, int8 and int4) GEMM rate; decode bytes at the copy bandwidth (int4: half a
+    byte per weight and a bfloat16 scale per 32)."""
     import torch
 
     from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
@@ -473,6 +482,7 @@ def floors(ceilings: dict) -> dict:
         ("fp32", 4, 4, ceilings["matmul_gflops"]),
         ("bf16", 2, 2, ceilings["bf16_matmul_gflops"]),
         ("int8", 1, 2, ceilings["bf16_matmul_gflops"]),
+        ("int4", 0.5 + 2 / 32, 2, ceilings["bf16_matmul_gflops"]),
     ):
         rate = gflops * 1e9  # FLOP/s; a token costs 2 FLOP per matmul parameter
         decode_bytes = matmul_params * matrix_bytes + other_params * other_bytes + state_bytes
@@ -505,7 +515,7 @@ def label(peer: str, dtype: str) -> str:
 
 
 def print_paths(results: dict) -> None:
-    """The decisions of our fp32/bf16/int8 runs, once per (shape, dtype, rows)."""
+    """The decisions of our fp32/bf16/int8/int4 runs, once per (shape, dtype, rows)."""
     seen, lines, wkv, native = set(), [], set(), set()
     for result in results.values():
         paths = result.get("paths")
@@ -545,7 +555,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--peers", default=",".join(PEERS))
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="variants of ours: fp32, bf16, int8")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="variants of ours: fp32, bf16, int8, int4")
     parser.add_argument("--compiled", action="store_true", help="also decode with each dtype through torch.compile")
     parser.add_argument("--eager", action="store_true", help="also decode with each dtype through the eager modules")
     parser.add_argument("--cases", default=",".join(CASES))
@@ -554,7 +564,7 @@ def main():
         "--load-limit", type=float, default=0.1, help="other processes' cores above which a run is retaken"
     )
     parser.add_argument("--retries", type=int, default=2)
-    parser.add_argument("--quality", action="store_true", help="also bf16/int8 accuracy on the default model")
+    parser.add_argument("--quality", action="store_true", help="also bf16/int8/int4 accuracy on the default model")
     parser.add_argument("--smoke", action="store_true", help="1 round, 1 run, 8 decoded tokens: a quick check")
     parser.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "rwkv7-bench"))
     parser.add_argument("--out", default=os.path.join(REPO, "bench_results.json"))
