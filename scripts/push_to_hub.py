@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from modeling_rwkv7 import RWKV7Config
+from modeling_rwkv7.configuration_rwkv7 import default_generation_config
 from modeling_rwkv7.model_card_rwkv7 import MODEL_CARD_TEMPLATE, count_parameters, render_model_card
 
 COMMIT_MESSAGE = "Upload RWKV-7 model (modeling_rwkv7)"
@@ -159,12 +160,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             template=args.card_template,
         )
         files = files_to_upload(folder)
+        generated = {"README.md": card.encode("utf-8")}
+        if not (folder / "generation_config.json").is_file():  # a folder saved from a model built from a config
+            defaults = default_generation_config(RWKV7Config.from_pretrained(folder))
+            generated["generation_config.json"] = defaults.to_json_string().encode()
     except (FileNotFoundError, ValueError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 
     if args.dry_run:
         print(f"Would create model repository {args.repo_id} (private={not args.public}) and upload in one commit:")
         print("  README.md (the card below)")
+        if "generation_config.json" in generated:
+            print("  generation_config.json (the folder has none: the published defaults, sampling with top_p 0.3)")
         for path in files:
             print(f"  {path.relative_to(folder).as_posix()} ({path.stat().st_size:,} bytes)")
         print("----- README.md -----")
@@ -175,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     api = HfApi()
     url = api.create_repo(args.repo_id, repo_type="model", private=not args.public, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in generated.items()]
     operations += [
         CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
         for path in files

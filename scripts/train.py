@@ -56,6 +56,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Tokenizer  # noqa: E402  (registers the Auto classes)
+from modeling_rwkv7.configuration_rwkv7 import default_generation_config  # noqa: E402
 from modeling_rwkv7.state_tuning import RWKV7StateTuning  # noqa: E402
 
 IGNORE_INDEX = -100
@@ -248,7 +249,9 @@ def load_model(args: ScriptArguments) -> RWKV7ForCausalLM:
     with open(args.config) as handle:
         config_dict = json.load(handle)
     config_dict.update(parse_overrides(args.config_overrides))
-    return RWKV7ForCausalLM(RWKV7Config(**config_dict))
+    model = RWKV7ForCausalLM(RWKV7Config(**config_dict))
+    model.generation_config = default_generation_config(model.config)  # what the converter's folders carry
+    return model
 
 
 def load_tokenizer(args: ScriptArguments):

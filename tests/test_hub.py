@@ -203,6 +203,25 @@ def test_dry_run_prints_exactly_what_a_push_uploads(world_folder, capsys):
     assert ModelCard(card).data.license == "apache-2.0"
 
 
+def test_a_folder_without_generation_config_is_published_with_the_sampling_defaults(world_folder, tmp_path, capsys):
+    folder = tmp_path / "no-generation-config"
+    shutil.copytree(world_folder, folder)
+    expected = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").unlink()
+    push_to_hub = load_push_script()
+    create_repo, create_commit, uploads = fake_hub()
+    with create_repo, create_commit:
+        push_to_hub.main([str(folder), "me/rwkv7-tiny", "--dry-run"])
+        assert "  generation_config.json (the folder has none" in capsys.readouterr().out
+        push_to_hub.main([str(folder), "me/rwkv7-tiny"])
+    published = json.loads(uploads["generation_config.json"])
+    assert published["do_sample"] is True and published["top_p"] == 0.3 and published["eos_token_id"] == [0, 261]
+    assert {key: published[key] for key in expected if key != "transformers_version"} == {
+        key: value for key, value in expected.items() if key != "transformers_version"
+    }  # what the converter writes
+    assert not (folder / "generation_config.json").exists()  # the user's folder is not written to
+
+
 def test_push_refuses_a_folder_that_cannot_load_on_its_own(world_folder, tmp_path, capsys):
     push_to_hub = load_push_script()
     broken = tmp_path / "broken"

@@ -259,6 +259,8 @@ def test_training_from_scratch_with_bf16_autocast_and_activation_checkpointing(s
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert trained.dtype == torch.float32  # autocast computes in bf16; the weights stay float32
     assert trained.config.hidden_size == 32 and trained.config.tie_word_embeddings
+    published = json.loads((tmp_path / "out" / "generation_config.json").read_text())  # the converter's defaults
+    assert published["do_sample"] is True and published["top_p"] == 0.3 and published["eos_token_id"] == [0, 261]
 
 
 # --- gradient checkpointing -------------------------------------------------------------------------------------
