@@ -59,7 +59,19 @@ CASES = {
     "decode_b32": dict(kind="decode", batch=32, prompt=16, new=16),
     "train_2x256": dict(kind="train", batch=2, seq=256),
     "first_call": dict(kind="first_call", batch=1, prompt=16, new=8),
+    # serving: `streams` requests (16-token prompts, 32 new tokens each, greedy) through the continuous batching
+    # manager that `transformers serve --continuous-batching` runs, all added at once; aggregate tokens/s
+    "serve_1": dict(kind="serve", streams=1, prompt=16, new=32),
+    "serve_8": dict(kind="serve", streams=8, prompt=16, new=32),
+    "serve_32": dict(kind="serve", streams=32, prompt=16, new=32),
+    "serve_64": dict(kind="serve", streams=64, prompt=16, new=32),
+    # a long prompt through generate() (chunked prefill, the last logits kept), 4 new tokens: seconds per prompt
+    # token, and the peak memory above the loaded model
+    "long_512": dict(kind="long_prompt", seq=512, new=4),
+    "long_8k": dict(kind="long_prompt", seq=8192, new=4),
+    "long_64k": dict(kind="long_prompt", seq=65536, new=4),
 }
+OURS_ONLY_KINDS = ("serve", "long_prompt")  # the peers have no batching manager; the long prompts: fp32 only
 # no training path, no batch (`rwkv`), a batch too slow to time (rwkv7-hf: 0.3 s a token at batch 1), ours only
 UNSUPPORTED = {
     ("rwkv_pip", "fp32", "train_2x256"),
@@ -200,9 +212,14 @@ def load_ours(path: str, dtype: str, **kwargs):
 
 
 def peak_rss_mb() -> float:
+    return _rss_mb("VmHWM:")
+
+
+def _rss_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmHWM: peak RSS, VmRSS: now) in MB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -267,6 +284,15 @@ def run_case(
 
         elif spec["kind"] == "first_call":
             return {"peer": peer, "dtype": dtype, "case": case, **_first_call(model, tokens(1, spec["prompt"]), spec)}
+        elif spec["kind"] == "serve":
+            return {
+                "peer": peer,
+                "dtype": dtype,
+                "case": case,
+                **_serve(model, tokens, spec, reps, load_limit, retries),
+            }
+        elif spec["kind"] == "long_prompt":
+            return {"peer": peer, "dtype": dtype, "case": case, **_long_prompt(model, tokens, spec, reps)}
         elif spec["kind"] == "decode":
             prompt, new = tokens(spec["batch"], spec["prompt"]), tokens(spec["batch"], spec["new"])
             decode = model
@@ -328,6 +354,60 @@ def _first_call(model, prompt, spec) -> dict:
         "second_s": seconds[1],
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _serve(model, tokens, spec, reps, load_limit, retries) -> dict:
+    """`spec["streams"]` requests at once through `model.init_continuous_batching` (a pool of that many rows):
+    seconds per generated token, all streams together, scheduling included."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    prompts = tokens(spec["streams"], spec["prompt"]).tolist()
+    manager = model.init_continuous_batching(
+        generation_config=GenerationConfig(max_new_tokens=spec["new"], do_sample=False, eos_token_id=0),
+        continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=spec["streams"]),
+    )
+    manager.warmup()
+    manager.start()
+    generated = []
+
+    def step():
+        pending = set(manager.add_requests(prompts))
+        count = 0
+        while pending:
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError(f"the manager stopped with {len(pending)} requests pending")
+            pending.discard(result.request_id)
+            count += len(result.generated_tokens)
+        generated.append(count)
+
+    try:
+        times, loads = timed(step, reps, load_limit, retries)
+    finally:
+        manager.stop(block=True)
+    per_token = [t / n for t, n in zip(times, generated[-len(times) :])]
+    return {"times": per_token, "other_cores": loads, "median": statistics.median(per_token),
+            "generated_tokens": generated[-len(times):], "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+
+
+def _long_prompt(model, tokens, spec, reps) -> dict:
+    """generate() after a `spec["seq"]`-token prompt: seconds per prompt token (the prefill dominates), and the
+    process's peak memory above what it held with the model loaded (peak RSS reset after loading)."""
+    import torch
+
+    prompt = tokens(1, spec["seq"])
+    with open("/proc/self/clear_refs", "w") as clear:  # peak RSS from here on
+        clear.write("5")
+    loaded_mb = _rss_mb("VmRSS:")
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False)
+        times.append((time.perf_counter() - start) / spec["seq"])
+    above = peak_rss_mb() - loaded_mb
+    return {"times": times, "other_cores": [0.0] * len(times), "median": statistics.median(times),
+            "memory_above_model_mb": above, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
 
 
 def _loaded_native_ops():
@@ -496,6 +576,13 @@ def floors(ceilings: dict) -> dict:
             "first_call": math.nan,
             "train_2x256": 3 * 2 * matmul_params * 512 / rate,
         }
+        for case, spec in CASES.items():
+            if spec["kind"] == "serve":  # per token of all streams: a step of `streams` rows, as decode_b32
+                streams = spec["streams"]
+                step = max(2 * matmul_params * streams / rate, decode_bytes / (ceilings["copy_gbs"] * 1e9))
+                table[dtype][case] = step / streams
+            elif spec["kind"] == "long_prompt":  # per prompt token: the prefill's matmuls, the head once
+                table[dtype][case] = 2 * ((matmul_params - head) * spec["seq"] + head) / rate / spec["seq"]
     return table
 
 
@@ -507,6 +594,10 @@ def throughput(case: str, seconds: float) -> str:
         return f"{spec['batch'] / seconds:.1f} tok/s"
     if spec["kind"] == "decode":
         return f"{seconds * 1000:.1f} ms/tok"
+    if spec["kind"] == "serve":
+        return f"{1 / seconds:.1f} tok/s"
+    if spec["kind"] == "long_prompt":
+        return f"{1 / seconds:.0f} tok/s"
     return f"{spec['batch'] * spec['seq'] / seconds:.1f} tok/s"
 
 
@@ -630,8 +721,12 @@ def main():
     for case in cases:
         for round_index in range(args.rounds):
             for peer, dtype in variants:
-                if (peer, dtype, case) in UNSUPPORTED or (
-                    dtype != base_dtype(dtype) and CASES[case]["kind"] != "decode"
+                kind = CASES[case]["kind"]
+                if (
+                    (peer, dtype, case) in UNSUPPORTED
+                    or (dtype != base_dtype(dtype) and kind != "decode")
+                    or (kind in OURS_ONLY_KINDS and peer != "ours")
+                    or (kind == "long_prompt" and dtype != "fp32")
                 ):
                     continue
                 print(
@@ -658,6 +753,10 @@ def main():
                 pooled["times"] += run["times"]
                 pooled["other_cores"] += run["other_cores"]
                 pooled["peak_rss_mb"] = max(pooled["peak_rss_mb"], run["peak_rss_mb"])
+                if "memory_above_model_mb" in run:
+                    pooled["memory_above_model_mb"] = max(
+                        pooled.get("memory_above_model_mb", 0.0), run["memory_above_model_mb"]
+                    )
                 if "paths" in run:
                     pooled["paths"] = run["paths"]
 
@@ -683,6 +782,14 @@ def main():
                 f"{r['loaded_runs']:>3d}/{len(r['times']):<3d}"
             )
             report["cases"].setdefault(case, {})[label(peer, dtype)] = r
+    long_prompts = [(case, results[(case, "ours", "fp32")]) for case in cases if (case, "ours", "fp32") in results
+                    and CASES[case]["kind"] == "long_prompt"]  # fmt: skip
+    if long_prompts:
+        print("\nlong prompts (ours fp32, generate()): peak memory above the loaded model, time per prompt token")
+        for case, r in long_prompts:
+            print(
+                f"  {CASES[case]['seq']:>6d} tokens: {r['memory_above_model_mb']:8.1f} MB, {r['median'] * 1e6:8.1f} us"
+            )
     print_paths(results)
     if args.quality:
         quality = worker({"job": "quality", "max_tokens": 4096 if args.smoke else 1 << 30})
