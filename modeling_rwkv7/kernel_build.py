@@ -23,7 +23,8 @@ kernel-abi-check (Python 3.9 stable ABI, manylinux_2_28).
     python -m modeling_rwkv7.kernel_build --native      # CPU variant into the per-user cache the model loads from
     python -m modeling_rwkv7.kernel_build --cuda        # CUDA variant, for the GPUs of this machine
     python -m modeling_rwkv7.kernel_build --check-cuda  # nvcc + c++ compile check of the CUDA sources for
-                                                        # build.toml's cuda-capabilities (no GPU needed)
+                                                        # build.toml's cuda-capabilities (no GPU needed;
+                                                        # --archs 8.0,12.0+PTX: only those)
     python -m modeling_rwkv7.kernel_build --check-cpu   # c++ compile check of the CPU sources
 """
 
@@ -451,7 +452,7 @@ def build_variant(backend: str, force: bool = False, build_dir: Path = BUILD_DIR
     return variant_dir
 
 
-def check_sources(backend: str) -> None:
+def check_sources(backend: str, only_archs: Optional[list[str]] = None) -> None:
     """Compile every `backend` source of build.toml with exactly its declared include directories (plus the
     system headers of torch, Python and CUDA), as kernel-builder does, without a GPU: nvcc for the .cu files, for
     every cuda-capability of build.toml (reporting registers and spills), and c++ -fsyntax-only for the .cpp
@@ -462,6 +463,11 @@ def check_sources(backend: str) -> None:
     sources = kernel_sources(config, backend)
     torch_sources = set(config["torch"]["src"])
     archs = declared_cuda_archs(config)
+    if only_archs:
+        undeclared = sorted(set(only_archs) - set(archs))
+        if undeclared:
+            raise SystemExit(f"error: --archs {','.join(undeclared)} not among build.toml's cuda-capabilities {archs}")
+        archs = [arch for arch in archs if arch in only_archs]
     cuda_home = find_cuda_home() if backend == "cuda" else None
     started = time.time()
     with tempfile.TemporaryDirectory() as temp_name:
@@ -567,6 +573,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--check-cuda", action="store_true", help="only compile-check the CUDA sources (no GPU)")
     parser.add_argument("--check-cpu", action="store_true", help="only compile-check the CPU sources")
     parser.add_argument(
+        "--archs", help="with --check-cuda: only these of build.toml's cuda-capabilities (e.g. 8.0,12.0+PTX)"
+    )
+    parser.add_argument(
         "--native",
         action="store_true",
         help=f"build the CPU variant into the per-user cache the model loads from ({native_cache_dir()})",
@@ -575,7 +584,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     checks = [backend for backend, wanted in (("cpu", args.check_cpu), ("cuda", args.check_cuda)) if wanted]
     for backend in checks:
-        check_sources(backend)
+        check_sources(backend, args.archs.split(",") if args.archs else None)
     if not checks:
         build_dir = native_cache_dir() if args.native else BUILD_DIR
         build_variant("cuda" if args.cuda else "cpu", force=args.force, build_dir=build_dir)

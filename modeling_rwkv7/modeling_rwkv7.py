@@ -531,7 +531,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         mask = _padding_mask(attention_mask, batch_size, seq_len, continues_a_cache=cache is not None)
-        reset = _document_starts(batch_size, seq_len, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)
+        reset = document_starts(batch_size, seq_len, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)
 
         if cache is not None:
             if not isinstance(cache, RWKV7Cache):
@@ -629,7 +629,7 @@ def _check_token_ids(input_ids: torch.LongTensor, vocab_size: int) -> None:
         raise ValueError(f"Token id {bad} is out of the vocabulary range [0, {vocab_size}).")
 
 
-def _document_starts(
+def document_starts(
     batch_size: int,
     seq_len: int,
     position_ids: Optional[torch.Tensor] = None,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cache_rwkv7 import RWKV7Cache
-from .modeling_rwkv7 import RWKV7PreTrainedModel, _document_starts
+from .modeling_rwkv7 import RWKV7PreTrainedModel, document_starts
 
 
 class RWKV7StateTuning(nn.Module):
@@ -73,7 +73,7 @@ class RWKV7StateTuning(nn.Module):
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch_size, seq_len = inputs.shape[:2]
         packing = {name: kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")}
-        if _document_starts(batch_size, seq_len, position_ids, **packing) is not None:
+        if document_starts(batch_size, seq_len, position_ids, **packing) is not None:
             raise ValueError(
                 "State tuning needs one document per row, but position_ids (or cu_seq_lens_q / cu_seq_lens_k / "
                 "seq_idx) mark a document start after the first position (packed rows); the state would restart "

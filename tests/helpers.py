@@ -20,9 +20,12 @@ __all__ = [
     "STATE_NAMES",
     "VOCAB",
     "decode",
+    "default_path",
+    "eager_model",
     "install_package",
     "installed_environment",
     "random_model",
+    "random_tokens",
     "relative_error",
     "state_errors",
     "trained_scale_",
@@ -51,6 +54,24 @@ def random_model(seed: int) -> RWKV7ForCausalLM:
     config = RWKV7Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512)
     torch.manual_seed(seed)
     return trained_scale_(RWKV7ForCausalLM(config))
+
+
+def eager_model(seed: int) -> RWKV7ForCausalLM:
+    """`random_model(seed)` decoding through its eager modules: the reference of the decoding paths."""
+    model = random_model(seed)
+    model.set_implementation(decode="eager")
+    return model
+
+
+def default_path(model: RWKV7ForCausalLM) -> RWKV7ForCausalLM:
+    """`model` decoding as a plain call does by default ("auto": the native ops on CPU), in place."""
+    model.set_implementation(decode="auto")
+    return model
+
+
+def random_tokens(batch: int, length: int, seed: int) -> torch.Tensor:
+    """Token ids [batch, length] of the VOCAB-token models, from their own generator."""
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def decode(step, tokens: torch.Tensor, cache) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Issue 11: the compiled decoding step computes what the eager model computes, token after token."""
 
 import torch
-from helpers import random_model
+from helpers import STATE_NAMES, random_model
 
 from modeling_rwkv7 import linear_rwkv7
 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
@@ -24,7 +24,7 @@ def test_compiled_step_matches_the_eager_step_over_64_tokens():
             scale = eager.abs().max()
             assert (compiled - eager).abs().max() <= 1e-4 * scale, f"token {t}"
     for eager_layer, compiled_layer in zip(eager_cache.layers, compiled_cache.layers):
-        for name in ("recurrent_state", "attn_shift_state", "ffn_shift_state"):
+        for name in STATE_NAMES:
             expected, actual = getattr(eager_layer, name), getattr(compiled_layer, name)
             assert actual.shape == expected.shape and actual.dtype == expected.dtype
             assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max().clamp_min(1), name

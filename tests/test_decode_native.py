@@ -16,8 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import STATE_NAMES, VOCAB, decode, relative_error, state_errors
-from helpers import random_model as random_trained_scale_model
+from helpers import STATE_NAMES, VOCAB, decode, default_path, relative_error, state_errors
+from helpers import eager_model as random_model
+from helpers import random_tokens as tokens_for
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache
 
@@ -34,23 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 def kernel(native_decoding_ops):
     """The package's native CPU decoding ops (built once per machine; see conftest)."""
     return native_decoding_ops
-
-
-def random_model(seed: int) -> RWKV7ForCausalLM:
-    """helpers' random model, decoding through its eager modules: the reference."""
-    model = random_trained_scale_model(seed)
-    model.set_implementation(decode="eager")
-    return model
-
-
-def default_path(model: RWKV7ForCausalLM) -> RWKV7ForCausalLM:
-    """The same model decoding as a plain call does by default ("auto": the native ops on CPU)."""
-    model.set_implementation(decode="auto")
-    return model
-
-
-def tokens_for(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 # --- the step against the eager model ------------------------------------------------------------------------
@@ -635,7 +619,7 @@ def test_opcheck_gemv_and_block_decode_step(kernel):
 _VARIANT_CHECK = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_decode_native import random_model
+from helpers import eager_model as random_model
 from modeling_rwkv7.decode_rwkv7 import native_decode_step
 from modeling_rwkv7.dispatch_rwkv7 import native_ops
 kernel = native_ops(wait=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import relative_error, state_errors
-from test_decode_native import default_path, random_model, tokens_for
+from helpers import default_path, relative_error, state_errors
+from helpers import eager_model as random_model
+from helpers import random_tokens as tokens_for
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, dispatch_rwkv7
 

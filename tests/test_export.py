@@ -8,6 +8,7 @@ import onnxruntime
 import oracle
 import pytest
 import torch
+from helpers import STATE_NAMES
 from torch.export import Dim
 from transformers.exporters.configs import DynamoConfig
 from transformers.exporters.exporter_dynamo import DynamoExporter
@@ -34,9 +35,6 @@ def model() -> RWKV7ForCausalLM:
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-STATE_NAMES = ("recurrent_state", "attn_shift_state", "ffn_shift_state")
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
