@@ -392,10 +392,13 @@ def _serve(model, tokens, spec, reps, load_limit, retries) -> dict:
 
 def _long_prompt(model, tokens, spec, reps) -> dict:
     """generate() after a `spec["seq"]`-token prompt: seconds per prompt token (the prefill dominates), and the
-    process's peak memory above what it held with the model loaded (peak RSS reset after loading)."""
+    process's peak memory above what it held with the model loaded and warmed up by a 16-token generate() (peak
+    RSS reset then)."""
     import torch
 
     prompt = tokens(1, spec["seq"])
+    with torch.inference_mode():  # warm-up: the libraries' first-call allocations are not the prompt's
+        model.generate(prompt[:, :16], max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False)
     with open("/proc/self/clear_refs", "w") as clear:  # peak RSS from here on
         clear.write("5")
     loaded_mb = _rss_mb("VmRSS:")
