@@ -48,7 +48,7 @@ def counting(kernel, monkeypatch):
     return counting
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16])  # 16: the matrix products of ATen
+@pytest.mark.parametrize("batch", [1, 3])
 def test_float32_default_decoding_is_native_and_matches_the_eager_step_over_64_tokens(counting, batch):
     """A 5-token eager prompt, then 64 tokens through the eager model and a plain call of the same model (the
     default path: native) from copies of its cache: the logits at every token and, at the end, every state tensor
@@ -69,33 +69,28 @@ def test_float32_default_decoding_is_native_and_matches_the_eager_step_over_64_t
     assert int(native_cache.seen_tokens) == int(eager_cache.seen_tokens) == 69
 
 
-@pytest.mark.parametrize("batch", [2, 8])  # 8: ATen's bfloat16 matrix products
-def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(counting, batch):
-    """bfloat16 weights: the native step computes in float32 (the logits and shift states rounded to bfloat16; from
-    8 rows the projections' inputs and outputs too, as ATen's bfloat16 matrix product does), the eager bfloat16
-    model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights. Over 32 tokens
-    from a fresh cache the native step's logits and states are no further from it than the eager bfloat16 model's,
-    and close in absolute terms."""
+def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(counting):
+    """bfloat16 weights: the native step computes in float32 (the logits and shift states rounded to bfloat16), the
+    eager bfloat16 model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights.
+    Over 32 tokens from a fresh cache the native step's logits and states are no further from it than the eager
+    bfloat16 model's, and close in absolute terms."""
     model = random_model(seed=71).to(torch.bfloat16)
     truth_model = copy.deepcopy(model).float()
-    tokens = tokens_for(batch, 32, seed=72)
-    native_cache, eager_cache, truth_cache = (m.init_cache(batch_size=batch) for m in (model, model, truth_model))
+    tokens = tokens_for(2, 32, seed=72)
+    native_cache, eager_cache, truth_cache = (m.init_cache(batch_size=2) for m in (model, model, truth_model))
     eager = decode(model, tokens, eager_cache)
     truth = decode(truth_model, tokens, truth_cache)
     native = decode(default_path(model), tokens, native_cache)
     assert counting.blocks == 32 * len(model.model.layers)
     assert native.dtype == eager.dtype == torch.bfloat16
-    # below 8 rows the native step rounds less than eager bfloat16 (measured ~5e-3 against ~2e-2); from 8 rows
-    # ATen's matrix products round the projections as eager does, and the two are as far (measured 0.0227 / 0.0221)
-    matrix_products = batch >= BFLOAT16_MATRIX_PRODUCT_ROWS
-    slack, bound = (1.1, 5e-2) if matrix_products else (1.0, 1e-2)
     native_error, eager_error = relative_error(native, truth), relative_error(eager, truth)
-    assert native_error <= min(slack * eager_error, bound), (native_error, eager_error)
+    assert native_error <= eager_error, (native_error, eager_error)
+    assert native_error <= 1e-2, native_error  # measured ~5e-3: bfloat16 rounding of the outputs and shift states
     # the states: the native step's (its shift states in the model's dtype, like eager's) vs eager bfloat16's
     state_errors(native_cache, eager_cache)  # shapes and dtypes
     native_states, eager_states = _errors_vs(native_cache, truth_cache), _errors_vs(eager_cache, truth_cache)
     for key, error in native_states.items():
-        assert error <= min(slack * eager_states[key], bound), (key, error, eager_states[key])
+        assert error <= min(eager_states[key], 1e-2), (key, error, eager_states[key])  # measured 1.5e-3 .. 4.5e-3
     assert int(native_cache.seen_tokens) == int(truth_cache.seen_tokens) == 32
 
 
@@ -368,27 +363,16 @@ def int8_rows_weight(out_features: int, in_features: int, generator, scale_dtype
     "shape", [shape for _, shape in SMALL_SHAPES], ids=[f"{f}-{s[0]}x{s[1]}" for f, s in SMALL_SHAPES]
 )
 def test_gemv_equals_f_linear(kernel, shape, weight_kind):
-    """1, 2, 3, 5, 8, 16 and 32 float32 rows times every projection weight: F.linear of the float32 rows with the
-    weight's float32 value (an int8 weight: its values times its scales), to float32 rounding, in float32; from 8
-    rows a bfloat16 weight is ATen's bfloat16 matrix product, the eager bfloat16 model's F.linear."""
+    """1, 2, 3, 5, 8 and 16 float32 rows times every projection weight: F.linear of the float32 rows with the
+    weight's float32 value (an int8 weight: its values times its scales), to float32 rounding, in float32."""
     out_features, in_features = shape
     generator = torch.Generator().manual_seed(out_features * 7919 + in_features)
     weight, scale, dense = _weight(weight_kind, out_features, in_features, generator)
-    for n in (1, 2, 3, 5, 8, 16, 32):
+    for n in (1, 2, 3, 5, 8, 16):
         rows = torch.randn(n, in_features, generator=generator)
         actual = kernel.gemv(rows, weight, scale)
         assert actual.dtype == torch.float32
-        if weight_kind == "bfloat16" and n >= BFLOAT16_MATRIX_PRODUCT_ROWS:
-            expected = F.linear(rows.bfloat16(), weight).float()
-            assert relative_error(actual, expected) <= 2.0**-7, f"{n} rows"  # a bfloat16 ulp (summation order)
-            assert relative_error(actual, F.linear(rows, dense)) > 1e-5  # it is the rounded product
-        else:
-            assert relative_error(actual, F.linear(rows, dense)) <= 1e-5, f"{n} rows"
-
-
-# Rows from which the ops multiply a bfloat16 weight by ATen's matrix product (float32 weights: from 16 rows, exact
-# to float32 rounding either way).
-BFLOAT16_MATRIX_PRODUCT_ROWS = 8
+        assert relative_error(actual, F.linear(rows, dense)) <= 1e-5, f"{n} rows"
 
 
 def _weight(kind: str, out_features: int, in_features: int, generator):
@@ -404,10 +388,10 @@ def _weight(kind: str, out_features: int, in_features: int, generator):
 
 @pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8"])
 def test_gemv_the_0_1b_head(kernel, weight_kind):
-    """The 0.1B vocabulary head (65536 x 768), 1 and 4 rows (the streamed product of every dtype)."""
+    """The 0.1B vocabulary head (65536 x 768), 1 and 16 rows."""
     generator = torch.Generator().manual_seed(65536)
     weight, scale, dense = _weight(weight_kind, 65536, 768, generator)
-    for n in (1, 4):
+    for n in (1, 16):
         rows = torch.randn(n, 768, generator=generator)
         assert relative_error(kernel.gemv(rows, weight, scale), F.linear(rows, dense)) <= 1e-5, f"{n} rows"
 
@@ -418,7 +402,7 @@ def test_gemv_bfloat16_rows_return_bfloat16(kernel, weight_kind):
     generator = torch.Generator().manual_seed(3)
     for out_features, in_features in [(3072, 768), (768, 3072), (64, 768), (VOCAB, 128)]:
         weight, scale, dense = _weight(weight_kind, out_features, in_features, generator)
-        for n in (1, 3, 5):
+        for n in (1, 3, 16):
             rows = torch.randn(n, in_features, generator=generator).bfloat16()
             actual = kernel.gemv(rows, weight, scale)
             assert actual.dtype == torch.bfloat16 and actual.shape == (n, out_features)

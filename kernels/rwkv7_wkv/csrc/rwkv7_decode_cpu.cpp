@@ -310,57 +310,26 @@ void finish_rows(const Product& p, int64_t rows, int64_t begin, int64_t end) {
 
 // The products of a group (independent of each other) in one parallel region: the group's weight bytes are split
 // evenly across the threads (at least 64 KiB each), whatever product each row belongs to.
-// From this many rows a float32 or bfloat16 product is ATen's matrix product (oneDNN / MKL, blocked for reuse of
-// each weight tile across the rows), and below it the streaming GEMV, which reads each weight once but spends one
-// FMA per weight and row. Where they cross on a Zen 4 (2 threads): 16 rows for float32 weights, 8 for bfloat16
-// (whose matrix product rounds the rows and the products to bfloat16, as the eager bfloat16 model does).
-bool takes_matrix_product(const Weight& w, int64_t rows) {
-  return (w.dtype == at::kFloat && rows >= 16) || (w.dtype == at::kBFloat16 && rows >= 8);
-}
-
-void matrix_product(const Product& p, int64_t rows) {
-  const at::Tensor x = at::from_blob(const_cast<float*>(p.x), {rows, p.w.in}, at::kFloat);
-  const at::Tensor w = at::from_blob(const_cast<void*>(p.w.data), {p.w.out, p.w.in}, p.w.dtype);
-  at::Tensor y = at::from_blob(p.y, {rows, p.w.out}, at::kFloat);
-  if (p.w.dtype == at::kFloat) {
-    at::mm_out(y, x, w.t());
-  } else {  // rows rounded to bfloat16 here (ATen's conversion would wake its thread pool for a few KiB)
-    std::vector<c10::BFloat16> rounded(p.x, p.x + rows * p.w.in);
-    y.copy_(at::mm(at::from_blob(rounded.data(), {rows, p.w.in}, at::kBFloat16), w.t()));
-  }
-  finish_rows(p, rows, 0, p.w.out);
-}
-
-// The products of `group` for `rows` rows: matrix products one after the other (each on every thread), then the
-// streamed ones together, their weights split across the threads by bytes.
 void gemv(std::initializer_list<Product> group, int64_t rows) {
-  std::vector<const Product*> streamed;
-  for (const Product& p : group) {
-    if (takes_matrix_product(p.w, rows))
-      matrix_product(p, rows);
-    else
-      streamed.push_back(&p);
-  }
   int64_t total = 0;
-  for (const Product* p : streamed) total += p->w.out * row_bytes(p->w);
-  if (total == 0) return;
+  for (const Product& p : group) total += p.w.out * row_bytes(p.w);
   const int64_t tasks = std::clamp<int64_t>(total / (64 << 10), 1, at::get_num_threads());
   at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
     for (int64_t task = first_task; task < end_task; ++task) {
       // this task's bytes [low, high); a row is the task's if its first byte is in there
       const int64_t low = total * task / tasks, high = total * (task + 1) / tasks;
       int64_t offset = 0;
-      for (const Product* p : streamed) {
-        const int64_t bytes = row_bytes(p->w);
+      for (const Product& p : group) {
+        const int64_t bytes = row_bytes(p.w);
         auto first_row_from = [&](int64_t position) {
-          return position <= offset ? 0 : std::min(p->w.out, (position - offset + bytes - 1) / bytes);
+          return position <= offset ? 0 : std::min(p.w.out, (position - offset + bytes - 1) / bytes);
         };
         const int64_t begin = first_row_from(low), end = first_row_from(high);
         if (begin < end) {
-          gemv_range_for_cpu(p->w, p->x, rows, p->y, begin, end);
-          finish_rows(*p, rows, begin, end);
+          gemv_range_for_cpu(p.w, p.x, rows, p.y, begin, end);
+          finish_rows(p, rows, begin, end);
         }
-        offset += p->w.out * bytes;
+        offset += p.w.out * bytes;
       }
     }
   });

@@ -67,9 +67,7 @@ def wkv7_decode_step(
 def gemv(rows: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``rows [n, in] @ weight [out, in]^T``, summed in float32 and returned in the rows' dtype (float32 or
     bfloat16). weight: float32 or bfloat16; int8 times ``scale [out]``; or int4 from `pack_int4` (uint8
-    [out, in / 2]) times ``scale [out, in / group]``, one per group of `group` values (a multiple of 32). From 16
-    rows (float32 weights) or 8 (bfloat16) it is ATen's matrix product, which for bfloat16 weights rounds the rows
-    and the products to bfloat16 (as F.linear does). CPU only."""
+    [out, in / 2]) times ``scale [out, in / group]``, one per group of `group` values (a multiple of 32). CPU only."""
     return ops.gemv(rows, weight, scale)
 
 
