@@ -294,7 +294,7 @@ def test_an_empty_packed_document_is_refused(model):
         ({"bos_token_id": 1000}, "bos_token_id=1000 lies outside the vocabulary"),
         ({"bos_token_id": "0"}, "bos_token_id must be None or an integer token id, got '0'"),
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be True or False, got 'yes'"),
-        ({"num_labels": 0}, "num_labels must be a positive integer, got 0"),
+        ({"num_labels": 0}, r"num_labels must be an integer in \[1, 1048576\], got 0"),
         ({"dropout": "x"}, r"dropout must be in \[0, 1\), got 'x'"),
         ({"norm_eps": None}, "norm_eps must be > 0, got None"),
     ],
