@@ -198,6 +198,14 @@ def _open_folder(folder: Path) -> tuple[RWKV7Config, dict[str, str], dict]:
     config = _folder_config(folder)
     weight_map = _safetensors_weight_map(folder)
     handles = _open_shards(folder, weight_map)
+    for file, handle in handles.items():
+        held = set(handle.keys())
+        absent = sorted(name for name, named_file in weight_map.items() if named_file == file and name not in held)
+        if absent:
+            raise CheckpointError(
+                f"{folder / 'model.safetensors.index.json'} places {len(absent)} tensor(s) in {file}, which does "
+                f"not hold them, e.g. {absent[0]}."
+            )
     _check_layer_count(folder, config, weight_map)
     return config, weight_map, handles
 

@@ -218,6 +218,19 @@ def test_index_json_naming_a_shard_outside_the_folder_is_refused(fla_folder, sha
         open_checkpoint(folder)
 
 
+def test_index_json_placing_a_tensor_in_a_shard_without_it_is_refused(fla_folder):
+    folder, config = fla_folder
+    (folder / "config.json").write_text(json.dumps(config))
+    weight_map = {
+        "model.embeddings.weight": "model.safetensors",
+        "model.layers.9.ffn.value.weight": "model.safetensors",
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    message = "places 1 tensor(s) in model.safetensors, which does not hold them, e.g. model.layers.9.ffn.value.weight"
+    with pytest.raises(CheckpointError, match=re.escape(message)):  # was safetensors' "does not contain tensor"
+        open_checkpoint(folder)
+
+
 def test_folder_config_with_absurd_layer_count_is_refused_before_building_a_model(fla_folder):
     folder, config = fla_folder
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6}))  # was a hang (hours)

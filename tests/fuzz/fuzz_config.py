@@ -84,14 +84,8 @@ def test_one_input(data: bytes) -> None:
         config_dict = _small_valid() if provider.ConsumeBool() else {}
         for _ in range(provider.ConsumeIntInRange(0, 6)):
             config_dict[KEYS[provider.ConsumeIntInRange(0, len(KEYS) - 1)]] = _value(provider)
-        if _is_huge(config_dict.get("num_labels")):  # known: transformers builds id2label of that size (reported)
-            return
         config = RWKV7Config.from_dict(config_dict)
     check_roundtrip(config)
-
-
-def _is_huge(value) -> bool:
-    return isinstance(value, int) and value > 10**6
 
 
 SEEDS = {
