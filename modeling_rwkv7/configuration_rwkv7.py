@@ -391,9 +391,6 @@ def default_generation_config(config: RWKV7Config) -> GenerationConfig:
     )
 
 
-__all__ = ["RWKV7Config", "default_generation_config"]
-
-
 def _json_depth(value) -> int:
     """Nesting depth of parsed JSON (a scalar is 0), walked without recursion."""
     depth, level = 0, [value]
@@ -406,3 +403,6 @@ def _json_depth(value) -> int:
         ]
         depth += 1
     return depth - 1
+
+
+__all__ = ["RWKV7Config", "default_generation_config"]

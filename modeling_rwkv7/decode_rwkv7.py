@@ -52,16 +52,16 @@ class NativeDecodeStep:
     so that a token costs little more than reading the weights once. `RWKV7ForCausalLM.forward` runs it for a
     decoding step when `dispatch_rwkv7.decode_implementation` says "native" (see there).
 
-    `step(input_ids [batch, 1], cache)` returns what the eager model returns for that call (logits [batch, 1, vocab]
-    in the model's dtype; the cache updated in place). Weights may be float32, bfloat16, torchao int8 weight-only
-    with one scale per row, or torchao int4 weight-only with symmetric scales per group of a multiple of 32
-    (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))`, llama.cpp's Q4_0 layout), which the
-    step packs two values per byte once, when it reads them. The arithmetic is float32 whatever their dtype (the
-    eager bfloat16 model rounds after every op). The step holds the model's tensors (the int4 ones packed): in-place
-    updates are seen, and a replaced parameter or module is found at the next call (a few microseconds of identity
-    checks) and read again. `readable()` is False while the
-    model holds a module the ops cannot read (a PEFT adapter, a replaced layer, weights in another format; said
-    once, naming it): the eager model decodes then. Not differentiable.
+    `step(input_ids [batch, 1], cache)` returns what the eager model returns for that call (logits [batch, 1,
+    vocab] in the model's dtype; the cache updated in place). Weights may be float32, bfloat16, torchao int8
+    weight-only with one scale per row, or torchao int4 weight-only with symmetric scales per group of a multiple
+    of 32 (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))`, llama.cpp's Q4_0 layout),
+    which the step packs two values per byte once, when it reads them. The arithmetic is float32 whatever their
+    dtype (the eager bfloat16 model rounds after every op). The step holds the model's tensors (the int4 ones
+    packed): in-place updates are seen, and a replaced parameter or module is found at the next call (a few
+    microseconds of identity checks) and read again. `readable()` is False while the model holds a module the ops
+    cannot read (a PEFT adapter, a replaced layer, weights in another format; said once, naming it): the eager
+    model decodes then. Not differentiable.
     """
 
     def __init__(self, model, kernel):
