@@ -3,6 +3,7 @@ once by torch.compile, so that a token costs a few fused kernels instead of ~400
 tests/test_decode_compiled.py) and a native CPU step through the kernel package's decoding ops
 (tests/test_decode_native.py)."""
 
+import sys
 import weakref
 from typing import Optional
 
@@ -217,11 +218,8 @@ def _is_int4_groups(weight: torch.Tensor) -> bool:
     """Whether `weight` is a torchao int4 weight-only tensor with symmetric scales per group of a multiple of 32
     values of a row (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g))`), which the native
     ops read packed two values per byte."""
-    try:
-        from torchao.quantization import IntxUnpackedToInt8Tensor
-    except ImportError:
-        return False
-    if not isinstance(weight, IntxUnpackedToInt8Tensor) or weight.target_dtype != torch.int4:
+    intx_type = getattr(sys.modules.get("torchao.quantization"), "IntxUnpackedToInt8Tensor", None)  # never imported
+    if intx_type is None or not isinstance(weight, intx_type) or weight.target_dtype != torch.int4:
         return False
     rows, group = weight.block_size
     return (

@@ -292,7 +292,12 @@ def run_case(
                 **_serve(model, tokens, spec, reps, load_limit, retries),
             }
         elif spec["kind"] == "long_prompt":
-            return {"peer": peer, "dtype": dtype, "case": case, **_long_prompt(model, tokens, spec, reps)}
+            return {
+                "peer": peer,
+                "dtype": dtype,
+                "case": case,
+                **_long_prompt(model, tokens, spec, reps, load_limit, retries),
+            }
         elif spec["kind"] == "decode":
             prompt, new = tokens(spec["batch"], spec["prompt"]), tokens(spec["batch"], spec["new"])
             decode = model
@@ -390,27 +395,26 @@ def _serve(model, tokens, spec, reps, load_limit, retries) -> dict:
             "generated_tokens": generated[-len(times):], "peak_rss_mb": peak_rss_mb()}  # fmt: skip
 
 
-def _long_prompt(model, tokens, spec, reps) -> dict:
+def _long_prompt(model, tokens, spec, reps, load_limit, retries) -> dict:
     """generate() after a `spec["seq"]`-token prompt: seconds per prompt token (the prefill dominates), and the
     process's peak memory above what it held with the model loaded and warmed up by a 16-token generate() (peak
     RSS reset then)."""
     import torch
 
     prompt = tokens(1, spec["seq"])
-    with torch.inference_mode():  # warm-up: the libraries' first-call allocations are not the prompt's
-        model.generate(prompt[:, :16], max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False)
+
+    def generate(ids):
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False)
+
+    generate(prompt[:, :16])  # warm-up: the libraries' first-call allocations are not the prompt's
     with open("/proc/self/clear_refs", "w") as clear:  # peak RSS from here on
         clear.write("5")
     loaded_mb = _rss_mb("VmRSS:")
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(prompt, max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False)
-        times.append((time.perf_counter() - start) / spec["seq"])
-    above = peak_rss_mb() - loaded_mb
-    return {"times": times, "other_cores": [0.0] * len(times), "median": statistics.median(times),
-            "memory_above_model_mb": above, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    times, loads = timed(lambda: generate(prompt), reps, load_limit, retries, warmup=0)
+    per_token = [t / spec["seq"] for t in times]
+    return {"times": per_token, "other_cores": loads, "median": statistics.median(per_token),
+            "memory_above_model_mb": peak_rss_mb() - loaded_mb, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
 
 
 def _loaded_native_ops():

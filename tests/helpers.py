@@ -18,6 +18,7 @@ from modeling_rwkv7.cache_rwkv7 import STATE_NAMES, RWKV7Cache
 
 __all__ = [
     "STATE_NAMES",
+    "accelerate_launch",
     "VOCAB",
     "decode",
     "default_path",
@@ -207,3 +208,23 @@ def installed_environment(target: Path, extra: str = "") -> dict:
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }
+
+
+def accelerate_launch(launch_options: list[str], script, script_options: list[str], cwd, env: dict):
+    """`accelerate launch` of `script` on one machine, without mixed precision or dynamo, one thread per process,
+    in `env` (the environment it runs in: an install's, or this checkout's)."""
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        *launch_options,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        *script_options,
+    ]
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))

@@ -5,12 +5,10 @@ same global batches (scripts/fsdp_check.py); scripts/train.py refuses FSDP where
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import installed_environment
+from helpers import accelerate_launch, installed_environment
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,26 +16,11 @@ SCRIPT = os.path.join(REPO, "scripts", "fsdp_check.py")
 DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
 
 
-def accelerate_launch(target, launch_options: list[str], script: str, script_options: list[str], cwd):
-    """`accelerate launch` of a script of this checkout, from a fresh install of the train extra (`target`)."""
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [
-        accelerate,
-        "launch",
-        *launch_options,
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        script,
-        *script_options,
-    ]
-    env = {**installed_environment(target, "train"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))
+def launch_in_train_install(installed_package, launch_options: list[str], script, script_options: list[str], cwd):
+    """`accelerate launch` on 2 processes from a fresh install of the train extra."""
+    target, _ = installed_package
+    env = installed_environment(target, "train")
+    return accelerate_launch(["--num_processes", "2", *launch_options], script, script_options, cwd, env)
 
 
 def load_fsdp_check():
@@ -64,8 +47,8 @@ def test_two_fsdp_processes_end_with_the_weights_of_one_process(installed_packag
         "--seed",
         "3",
     ]
-    result = accelerate_launch(
-        installed_package[0], ["--multi_gpu"], SCRIPT, [*options, "--output_dir", str(tmp_path / "fsdp")], tmp_path
+    result = launch_in_train_install(
+        installed_package, ["--multi_gpu"], SCRIPT, [*options, "--output_dir", str(tmp_path / "fsdp")], tmp_path
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     with open(tmp_path / "fsdp" / "report.json") as handle:
@@ -124,8 +107,8 @@ def test_train_script_refuses_fsdp_that_accelerate_turns_into_ddp_on_cpu(install
         "--output_dir",
         str(tmp_path / "out"),
     ]
-    result = accelerate_launch(
-        installed_package[0], launch, os.path.join(REPO, "scripts", "train.py"), options, tmp_path
+    result = launch_in_train_install(
+        installed_package, launch, os.path.join(REPO, "scripts", "train.py"), options, tmp_path
     )
     assert result.returncode != 0
     assert "FSDP was asked for, but accelerate" in result.stderr and "MULTI_CPU" in result.stderr, result.stderr[

@@ -130,10 +130,8 @@ def test_the_readme_command_runs_from_a_fresh_install(installed_package, work, k
 
 
 def run(target, work, key: str) -> None:
-    command = TINY_FORMS[key]
+    command, extra = TINY_FORMS[key], extra_of(key)
     executable = sys.executable if command[0] == "python" else str(target / "bin" / command[0])
-    env = {**installed_environment(target, extra_of(key)), "OMP_NUM_THREADS": "2"}
+    env = {**installed_environment(target, extra), "OMP_NUM_THREADS": "2"}
     done = subprocess.run([executable, *command[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (
-        f"{' '.join(command)} (extra {extra_of(key)!r}):\n{(done.stdout + done.stderr)[-4000:]}"
-    )
+    assert done.returncode == 0, f"{' '.join(command)} (extra {extra!r}):\n{(done.stdout + done.stderr)[-4000:]}"

@@ -8,13 +8,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from helpers import accelerate_launch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7ForSequenceClassification, RWKV7Model
@@ -436,22 +436,9 @@ def test_data_collator_with_flattening_gives_each_document_the_losses_it_has_alo
 
 
 def run_accelerate(launch_options: list[str], script_options: list[str], cwd) -> subprocess.CompletedProcess:
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [
-        accelerate,
-        "launch",
-        *launch_options,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        os.path.join(REPO, "scripts", "train.py"),
-        *script_options,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))
+    """`accelerate launch scripts/train.py` with this checkout's package."""
+    script = os.path.join(REPO, "scripts", "train.py")
+    return accelerate_launch(launch_options, script, script_options, cwd, dict(os.environ, PYTHONPATH=REPO))
 
 
 @pytest.mark.slow
