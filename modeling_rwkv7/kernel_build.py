@@ -420,10 +420,10 @@ def build_variant(backend: str, force: bool = False, build_dir: Path = BUILD_DIR
     if not force and up_to_date_variant(build_dir, backend, archs) is not None:
         print(f"up to date: {variant_dir} (id {ops_id})")
         return variant_dir
-    # One id, one binary: a process that loaded one build (the native cache's, say) refuses another build with the
-    # same id, so an up-to-date build in the other place is copied rather than compiled again.
-    twins = [other for other in (BUILD_DIR, native_cache_dir()) if other.resolve() != build_dir.resolve()]
-    twin = None if force else next(filter(None, (up_to_date_variant(other, backend, archs) for other in twins)), None)
+    # One id, one binary: a process that loaded the native cache's build refuses another build with the same id, so
+    # a build elsewhere copies an up-to-date native build rather than compiling (the native build itself compiles).
+    native = native_cache_dir()
+    twin = None if force or build_dir.resolve() == native.resolve() else up_to_date_variant(native, backend, archs)
 
     started = time.time()
     build_dir.mkdir(parents=True, exist_ok=True)

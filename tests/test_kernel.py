@@ -126,8 +126,8 @@ def test_build_is_idempotent(cpu_variant):
 
 @pytest.mark.kernel_build
 def test_a_second_build_place_copies_the_same_binary(cpu_variant, native_decoding_ops, tmp_path, capsys):
-    """The native cache and kernels/rwkv7_wkv/build/ hold one binary per id: a process that loaded one refuses a
-    different build under the same id (kernels' same-build check), so a build finding its twin copies it."""
+    """The native cache and any other build place hold one binary per id: a process that loaded the native build
+    refuses a different build under the same id (kernels' same-build check), so a build elsewhere copies it."""
     import kernels
     from modeling_rwkv7.kernel_build import build_variant
 
