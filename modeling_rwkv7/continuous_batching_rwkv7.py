@@ -6,12 +6,17 @@ rows (an `RWKV7Cache` and its slot operations: `take_row`, `write_row`, `free_ro
 every iteration
 
 1. takes in new requests and cancellations;
-2. prefills waiting prompts, at most `max_prefill_tokens` tokens per iteration, in a cache of one row: a prompt may
-   take several iterations (chunks), and once it is done, its state is written into a free row of the pool and its
-   first token is sampled: it has joined the batch;
-3. runs one batched decoding step, `model(last_tokens [batch, 1], cache=pool)`, and samples each row's next token
-   with its request's settings (greedy, or temperature / top-k / top-p);
+2. lets waiting requests join while the pool has free rows: a prompt of up to `STEPPED_PROMPT_TOKENS` tokens takes a
+   zeroed row at once; a longer one first has all but its last token prefilled in a cache of its own, one chunk of
+   `max_prefill_tokens` tokens per iteration (one such prompt at a time), and its state is written into a free row;
+3. runs one batched decoding step, `model(tokens [batch, 1], cache=pool)`: each row reads its next prompt token
+   while it has one, else its last sampled token; the rows past their prompt sample their next token with their
+   request's settings (greedy, or temperature / top-k / top-p);
 4. lets finished rows leave (the last row moves into the freed one).
+
+A row's arithmetic depends on its request alone, never on the others in the batch or on when they came: the
+native CPU decoding step gives each row of a batch the same bits it gives it alone, and a long prompt's chunks are
+cut the same way whatever else is waiting. So a request gets the same tokens alone and among others.
 
 Its interface is the one `transformers serve --continuous-batching` and `model.generate_batch` use: `add_request`,
 `add_requests`, `cancel_request`, `get_result`, `request_id_iter`, `register_result_handler`, `warmup`, `start`,
@@ -44,6 +49,9 @@ SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}
 READ_CB_FIELDS = {"max_requests_per_batch", "max_batch_tokens", "max_queue_size", "per_request_processors", "seed"}
 # the generation-config fields this manager honours (the sampling ones and when to stop); any other set to a value
 # other than its default is refused, rather than silently not applied
+# Prompts up to this long are read by the batched decoding steps, a token per step (the batch shares the weight
+# reads); a longer one is prefilled in chunks first (a chunk costs about what one step costs, for many tokens).
+STEPPED_PROMPT_TOKENS = 16
 READ_GENERATION_FIELDS = {
     "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
     "use_cache", "output_attentions", "output_hidden_states", "transformers_version",
@@ -74,7 +82,7 @@ class RWKV7ContinuousBatchingManager:
         generation_config (`GenerationConfig`): the defaults of the requests: `max_new_tokens`, `eos_token_id`, and
             sampling (`do_sample`, `temperature`, `top_k`, `top_p`); greedy when `do_sample` is False.
         max_batch_size (`int`): rows of the pool: the most requests decoding at once (more wait).
-        max_prefill_tokens (`int`): prompt tokens prefilled per iteration, between two decoding steps.
+        max_prefill_tokens (`int`): the chunk of a long prompt prefilled per iteration, between two decoding steps.
         max_queue_size (`int`): the most requests waiting to be taken in (0: no limit).
     """
 
@@ -106,11 +114,11 @@ class RWKV7ContinuousBatchingManager:
         self.output_router = OutputRouter()
         self.input_queue: queue.Queue[RequestState] = queue.Queue(maxsize=max_queue_size)
         self.cancel_queue: queue.Queue[str] = queue.Queue()
-        self.waiting_requests: deque[RequestState] = deque()  # taken in, prompt not (fully) prefilled
-        self.active_requests: dict[str, RequestState] = {}  # taken in and not finished, waiting or decoding
+        self.waiting_requests: deque[RequestState] = deque()  # taken in, no row yet (the first may be prefilling)
+        self.active_requests: dict[str, RequestState] = {}  # taken in and not finished, waiting or in a row
         self.rows: list[RequestState] = []  # the request of each active row of the pool
         self.cache: Optional[RWKV7Cache] = None  # the pool, made by warmup / start
-        self._prefill_cache: Optional[RWKV7Cache] = None  # the prompt being prefilled
+        self._prefill_cache: Optional[RWKV7Cache] = None  # the long prompt being prefilled
         self._request_counter = 0
         self._lock = threading.Lock()
         self._wake_up = threading.Event()
@@ -343,9 +351,9 @@ class RWKV7ContinuousBatchingManager:
                         self._wake_up.wait(0.1)
                         self._wake_up.clear()
                         continue
-                    self._prefill()
+                    self._join()
                     if self.rows:
-                        self._decode()
+                        self._step()
         except Exception as error:  # the worker dies: every request it holds fails, and serve reports it
             logger.exception("The RWKV-7 continuous batching worker failed")
             self.background_thread_status.fatal_error = error
@@ -369,40 +377,50 @@ class RWKV7ContinuousBatchingManager:
             state = self.active_requests.pop(request_id, None)
             if state is None:
                 continue
-            if state.status == RequestStatus.DECODING:
-                self._leave(next(row for row, decoding in enumerate(self.rows) if decoding is state))
-            else:  # waiting (the one being prefilled starts the next one's prefill afresh)
+            row = next((row for row, in_row in enumerate(self.rows) if in_row is state), None)
+            if row is not None:
+                self._leave(row)
+            else:  # waiting (the one being prefilled leaves its prefill cache to the next)
                 self.waiting_requests = deque(waiting for waiting in self.waiting_requests if waiting is not state)
 
-    def _prefill(self) -> None:
-        """Prefill waiting prompts, `max_prefill_tokens` tokens at most; those done join the batch."""
-        budget = self.max_prefill_tokens
-        while budget > 0 and self.waiting_requests and len(self.rows) < self.max_batch_size:
+    def _join(self) -> None:
+        """Waiting requests take the pool's free rows, in order; a long prompt first prefills all but its last
+        token, a chunk per iteration."""
+        while self.waiting_requests and len(self.rows) < self.max_batch_size:
             state = self.waiting_requests[0]
-            if state.status == RequestStatus.PENDING:
+            prompt = state.remaining_prefill_tokens
+            if len(state.initial_tokens) > STEPPED_PROMPT_TOKENS:
+                if state.status == RequestStatus.PENDING:
+                    state.status = RequestStatus.PREFILLING
+                    self._prefill_cache.reset()
+                if len(prompt) > 1:
+                    chunk = prompt[: min(self.max_prefill_tokens, len(prompt) - 1)]
+                    del prompt[: len(chunk)]
+                    ids = torch.tensor([chunk], device=self.model.device)
+                    self.model(ids, cache=self._prefill_cache, logits_to_keep=1)
+                    if len(prompt) > 1:
+                        return  # its next chunk at the next iteration
+                self.cache.write_row(self.cache.take_row(), self._prefill_cache)
+            else:
                 state.status = RequestStatus.PREFILLING
-                self._prefill_cache.reset()
-            chunk = state.remaining_prefill_tokens[:budget]
-            del state.remaining_prefill_tokens[: len(chunk)]
-            budget -= len(chunk)
-            ids = torch.tensor([chunk], device=self.model.device)
-            logits = self.model(ids, cache=self._prefill_cache, logits_to_keep=1).logits[:, -1]
-            if state.remaining_prefill_tokens:
-                continue
-            self.waiting_requests.popleft()
-            state.status = RequestStatus.DECODING
-            self.cache.write_row(self.cache.take_row(), self._prefill_cache)
-            self.rows.append(state)
-            (token,) = self._sample(logits, [state])
-            if self._record(state, token):
-                self._leave(len(self.rows) - 1)
+                self.cache.take_row()
+            self.rows.append(self.waiting_requests.popleft())
 
-    def _decode(self) -> None:
-        """One decoding step of every row, then the finished rows leave."""
-        ids = torch.tensor([[state.generated_tokens[-1]] for state in self.rows], device=self.model.device)
-        logits = self.model(ids, cache=self.cache).logits[:, -1]
-        tokens = self._sample(logits, self.rows)
-        finished = [row for row, (state, token) in enumerate(zip(self.rows, tokens)) if self._record(state, token)]
+    def _step(self) -> None:
+        """One decoding step of every row (its next prompt token, else its last sampled token); the rows past their
+        prompt sample their next token, then the finished rows leave."""
+        ids = []
+        for state in self.rows:
+            prompt = state.remaining_prefill_tokens
+            ids.append(prompt.pop(0) if prompt else state.generated_tokens[-1])
+        logits = self.model(torch.tensor(ids, device=self.model.device)[:, None], cache=self.cache).logits[:, -1]
+        sampling = [row for row, state in enumerate(self.rows) if not state.remaining_prefill_tokens]
+        finished = []
+        for row, token in zip(sampling, self._sample(logits[sampling], [self.rows[row] for row in sampling])):
+            state = self.rows[row]
+            state.status = RequestStatus.DECODING
+            if self._record(state, token):
+                finished.append(row)
         for row in reversed(finished):  # from the last: a leaving row takes the batch's last row, never a finished one
             self._leave(row)
 

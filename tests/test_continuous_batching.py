@@ -151,6 +151,35 @@ def test_the_manager_gives_each_request_what_it_gets_alone(model):
         states_close(results[request_id].cache, 0, final_state, tol=1e-4)
 
 
+def test_short_prompts_join_at_once_and_long_ones_are_prefilled_in_chunks(model, monkeypatch):
+    """Four short prompts (6, 6, 9 and 14 tokens) and a long one (40) added at once to a pool of 4 rows, chunks of
+    16: the short ones take the four rows at once and are read by the batched steps ([4, 1] from the first step);
+    the long one waits for a free row, then has its first 39 tokens prefilled alone in chunks of 16, 16 and 7, and
+    its last read by a step. Each request gets what generate() gives it alone."""
+    requests = [prompt(length, 60 + index) for index, length in enumerate([6, 6, 9, 14, 40])]
+    expected = [generate_alone(model, tokens, 4) for tokens in requests]
+    manager = RWKV7ContinuousBatchingManager(model, model.generation_config, max_batch_size=4, max_prefill_tokens=16)
+    manager.warmup()
+    steps, chunks, forward = [], [], model.forward
+
+    def recording_forward(input_ids=None, cache=None, **kwargs):
+        (steps if cache is manager.cache else chunks).append(tuple(input_ids.shape))
+        return forward(input_ids=input_ids, cache=cache, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    ids = manager.add_requests(requests, max_new_tokens=4)  # queued before the worker starts: taken in together
+    manager.start()
+    try:
+        results = collect(manager, ids)
+    finally:
+        manager.stop()
+    assert steps[0] == (4, 1) and set(steps) <= {(n, 1) for n in range(1, 5)}, steps
+    assert chunks == [(1, 16), (1, 16), (1, 7)], chunks
+    for request_id, (tokens, final_state) in zip(ids, expected):
+        assert results[request_id].generated_tokens == tokens, request_id
+        states_close(results[request_id].cache, 0, final_state, tol=1e-4)
+
+
 def test_end_of_sequence_cancellation_and_sampling_settings(model):
     tokens = prompt(6, seed=40)
     greedy, _ = generate_alone(model, tokens, 10)

@@ -1,7 +1,7 @@
 """The native CPU decoding step (the package's `block_decode_step` per block and `gemv` for the head), which a plain
 decoding call of the model takes by default on CPU (`dispatch_rwkv7`), computes what the eager model computes, token
-after token: float32 weights to float32 rounding; bfloat16 weights in float32 (no further from the float32 truth
-than the eager bfloat16 model); torchao int8 and int4 weights as their dequantized values. `gemv` against F.linear
+after token: float32 weights to float32 rounding; bfloat16 weights times the rows rounded to bfloat16, summed in
+float32 (no further from the float32 truth than the eager bfloat16 model); torchao int8 and int4 weights as their dequantized values. `gemv` against F.linear
 for every projection shape of the presets. Calls the step cannot run (adapters, padding, gradients) run the eager
 model."""
 
@@ -70,8 +70,8 @@ def test_float32_default_decoding_is_native_and_matches_the_eager_step_over_64_t
 
 
 def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(counting):
-    """bfloat16 weights: the native step computes in float32 (the logits and shift states rounded to bfloat16), the
-    eager bfloat16 model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights.
+    """bfloat16 weights: the native step rounds the inputs of its products to bfloat16 and computes the rest in
+    float32 (the logits and shift states rounded to bfloat16), the eager bfloat16 model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights.
     Over 32 tokens from a fresh cache the native step's logits and states are no further from it than the eager
     bfloat16 model's, and close in absolute terms."""
     model = random_model(seed=71).to(torch.bfloat16)
@@ -85,7 +85,7 @@ def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bf
     assert native.dtype == eager.dtype == torch.bfloat16
     native_error, eager_error = relative_error(native, truth), relative_error(eager, truth)
     assert native_error <= eager_error, (native_error, eager_error)
-    assert native_error <= 1e-2, native_error  # measured ~5e-3: bfloat16 rounding of the outputs and shift states
+    assert native_error <= 3e-2, native_error  # measured 1.5e-2 (eager: larger): the products' rounded inputs
     # the states: the native step's (its shift states in the model's dtype, like eager's) vs eager bfloat16's
     state_errors(native_cache, eager_cache)  # shapes and dtypes
     native_states, eager_states = _errors_vs(native_cache, truth_cache), _errors_vs(eager_cache, truth_cache)
@@ -364,8 +364,9 @@ def int8_rows_weight(out_features: int, in_features: int, generator, scale_dtype
     "shape", [shape for _, shape in SMALL_SHAPES], ids=[f"{f}-{s[0]}x{s[1]}" for f, s in SMALL_SHAPES]
 )
 def test_gemv_equals_f_linear(kernel, shape, weight_kind):
-    """1, 2, 3, 5, 8 and 16 float32 rows times every projection weight: F.linear of the float32 rows with the
-    weight's float32 value (an int8 weight: its values times its scales), to float32 rounding, in float32."""
+    """1, 2, 3, 5, 8 and 16 float32 rows times every projection weight: F.linear of the float32 rows (rounded to
+    bfloat16 for a bfloat16 weight) with the weight's float32 value (an int8 weight: its values times its scales),
+    to float32 rounding, in float32."""
     out_features, in_features = shape
     generator = torch.Generator().manual_seed(out_features * 7919 + in_features)
     weight, scale, dense = _weight(weight_kind, out_features, in_features, generator)
@@ -373,7 +374,29 @@ def test_gemv_equals_f_linear(kernel, shape, weight_kind):
         rows = torch.randn(n, in_features, generator=generator)
         actual = kernel.gemv(rows, weight, scale)
         assert actual.dtype == torch.float32
-        assert relative_error(actual, F.linear(rows, dense)) <= 1e-5, f"{n} rows"
+        assert relative_error(actual, F.linear(rows_as_multiplied(rows, weight), dense)) <= 1e-5, f"{n} rows"
+
+
+def rows_as_multiplied(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The float32 values gemv multiplies `weight` by: the rows, rounded to bfloat16 for a bfloat16 weight."""
+    return rows.bfloat16().float() if weight.dtype == torch.bfloat16 else rows
+
+
+@pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8", "int4"])
+def test_gemv_is_batch_invariant(kernel, weight_kind):
+    """Each row of a batch gets exactly (bit for bit) what it gets alone or in a batch of another size, whichever
+    tile computes it: a request decodes the same alone and among others (continuous batching)."""
+    generator = torch.Generator().manual_seed(77)
+    if weight_kind == "int4":
+        weight = kernel.pack_int4(torch.randint(-8, 8, (197, 768), dtype=torch.int8, generator=generator))
+        scale = torch.rand(197, 24, generator=generator)
+    else:
+        weight, scale, _ = _weight(weight_kind, 197, 768, generator)  # 197 outputs: whole and partial tiles
+    rows = torch.randn(37, 768, generator=generator)
+    batched = kernel.gemv(rows, weight, scale)
+    for n in (1, 2, 3, 5, 11):
+        assert torch.equal(kernel.gemv(rows[:n], weight, scale), batched[:n]), n
+        assert torch.equal(kernel.gemv(rows[n : 2 * n + 1], weight, scale), batched[n : 2 * n + 1]), n
 
 
 def _weight(kind: str, out_features: int, in_features: int, generator):
@@ -394,7 +417,8 @@ def test_gemv_the_0_1b_head(kernel, weight_kind):
     weight, scale, dense = _weight(weight_kind, 65536, 768, generator)
     for n in (1, 16):
         rows = torch.randn(n, 768, generator=generator)
-        assert relative_error(kernel.gemv(rows, weight, scale), F.linear(rows, dense)) <= 1e-5, f"{n} rows"
+        expected = F.linear(rows_as_multiplied(rows, weight), dense)
+        assert relative_error(kernel.gemv(rows, weight, scale), expected) <= 1e-5, f"{n} rows"
 
 
 @pytest.mark.parametrize("weight_kind", ["float32", "bfloat16", "int8"])
@@ -637,7 +661,8 @@ with torch.no_grad():
         worst = max(worst, float((native - eager).abs().max() / eager.abs().max()))
     for weight in (torch.randn(70, 133), torch.randn(70, 133).bfloat16()):  # odd sizes: the vector tails too
         rows = torch.randn(3, 133)
-        worst = max(worst, float((kernel.gemv(rows, weight) - rows @ weight.float().T).abs().max() / 10))
+        multiplied = rows.bfloat16().float() if weight.dtype == torch.bfloat16 else rows  # (gemv's contract)
+        worst = max(worst, float((kernel.gemv(rows, weight) - multiplied @ weight.float().T).abs().max() / 10))
 print(kernel.decode_vector_bits(), worst)
 """
 

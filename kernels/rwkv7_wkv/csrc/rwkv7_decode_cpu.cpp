@@ -3,7 +3,8 @@
 // `block_decode_step` (one token through a whole RWKV-7 block: norms, token shift, the six lerps, the LoRAs, the
 // WKV step, group norm, bonus, gate and the channel mix, in float32, with the block's state updated in place).
 // The arithmetic follows modeling_rwkv7/modeling_rwkv7.py, which tests/test_decode_native.py checks it against.
-// The matrix-vector and WKV loops are compiled for AVX-512, AVX2 and the baseline ISA and picked at load time.
+// The matrix-vector and WKV loops are compiled for AVX-512 (with and without AVX512-BF16), AVX2 and the baseline
+// ISA and picked at load time.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -61,11 +62,29 @@ struct Weight {
 };
 
 #define RWKV7_INLINE __attribute__((always_inline)) inline
+// the tiles' loops over their rows and outputs, unrolled so that their accumulators stay in registers
+#define RWKV7_UNROLL _Pragma("GCC unroll 16")
 #define RWKV7_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 RWKV7_INLINE float load1(const float* p) { return *p; }
 RWKV7_INLINE float load1(const uint16_t* p) { return bf16_to_float(*p); }
 RWKV7_INLINE float load1(const int8_t* p) { return static_cast<float>(*p); }
+
+// The 16 bits of the bfloat16 nearest to `value` (ties to even; a NaN stays a NaN).
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// bfloat16 weights multiply the rows rounded to bfloat16 (as a bfloat16 model's activations are), on every ISA:
+// the products are then exact in float32, and AVX512-BF16 computes them in one instruction per 32 values.
+std::vector<float> rows_rounded_to_bf16(const float* x, int64_t count) {
+  std::vector<float> rounded(count);
+  for (int64_t i = 0; i < count; ++i) rounded[i] = bf16_to_float(float_to_bf16(x[i]));
+  return rounded;
+}
 
 // Portable form (AVX2 and baseline builds: the compiler vectorizes the reduction): y[r, o] = scale[o] *
 // sum_i w[o, i] x[r, i] for o in [begin, end), each weight row read from memory once.
@@ -93,53 +112,112 @@ RWKV7_AVX512 RWKV7_INLINE __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-// y[r, o] as in `gemv_range`, with four accumulators per dot product (the FMA latency would otherwise bound the
-// rate at which int8 and bfloat16 weights, 16 or 32 bytes per 16 values, are read). Rows are taken four at a time
-// where there are that many (batched decoding), each weight vector converted once for the four: the product is then
-// bound by the FMAs rather than by the weight's loads and conversions.
+// AVX-512 tiles: y[r, o] for `kRows` rows of x and `kOuts` weight rows, each weight vector converted once for the
+// tile's rows. Every dot product is one 16-lane accumulator over `in` in order, then reduced the same way, so a
+// row's result does not depend on the tile that computes it nor on the other rows of the batch (batch invariance:
+// a request decodes the same alone or in a batch). The first tile of a weight block prefetches the next block
+// (`kOuts` rows further), which the later tiles would otherwise wait for from memory.
+template <typename T, int kRows, int kOuts, bool kPrefetch = false>
+RWKV7_AVX512 RWKV7_INLINE void gemv_tile_avx512(const T* w, const Vector& scale, const float* x, int64_t in,
+                                                 float* y, int64_t out, int64_t o) {
+  __m512 acc[kRows][kOuts];
+  RWKV7_UNROLL for (int row = 0; row < kRows; ++row)
+    RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) acc[row][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    __m512 w_vec[kOuts];
+    RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) w_vec[c] = load16(w + (o + c) * in + i);
+    if (kPrefetch)
+      RWKV7_UNROLL for (int c = 0; c < kOuts; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (o + kOuts + c) * in + i), _MM_HINT_T0);
+    RWKV7_UNROLL for (int row = 0; row < kRows; ++row) {
+      const __m512 x_vec = _mm512_loadu_ps(x + row * in + i);
+      RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) acc[row][c] = _mm512_fmadd_ps(w_vec[c], x_vec, acc[row][c]);
+    }
+  }
+  RWKV7_UNROLL for (int row = 0; row < kRows; ++row)
+    RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) {
+      float sum = _mm512_reduce_add_ps(acc[row][c]);
+      for (int64_t tail = i; tail < in; ++tail) sum += load1(w + (o + c) * in + tail) * x[row * in + tail];
+      y[row * out + o + c] = scale.defined() ? sum * scale[o + c] : sum;
+    }
+}
+
+// `kOuts` outputs from `o` for every row, four rows at a time.
+template <typename T, int kOuts>
+RWKV7_AVX512 RWKV7_INLINE void gemv_outs_avx512(const T* w, const Vector& scale, const float* x, int64_t rows,
+                                                 int64_t in, float* y, int64_t out, int64_t o) {
+  int64_t r = 0;
+  if (rows >= 4 && o + 2 * kOuts <= out) {
+    gemv_tile_avx512<T, 4, kOuts, true>(w, scale, x, in, y, out, o);
+    r = 4;
+  }
+  for (; r + 4 <= rows; r += 4) gemv_tile_avx512<T, 4, kOuts>(w, scale, x + r * in, in, y + r * out, out, o);
+  for (; r < rows; ++r) gemv_tile_avx512<T, 1, kOuts>(w, scale, x + r * in, in, y + r * out, out, o);
+}
+
+// AVX512-BF16: bfloat16 weights times the rows rounded to bfloat16, 32 products per instruction, each dot product
+// one accumulator as above (the same result whatever tile computes it).
+#define RWKV7_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+template <int kRows, int kOuts, bool kPrefetch = false>
+RWKV7_AVX512_BF16 RWKV7_INLINE void gemv_bf16_tile(const uint16_t* w, const uint16_t* x, int64_t in, float* y,
+                                                   int64_t out, int64_t o) {
+  __m512 acc[kRows][kOuts];
+  RWKV7_UNROLL for (int row = 0; row < kRows; ++row)
+    RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) acc[row][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    __m512bh w_vec[kOuts];
+    RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) w_vec[c] = (__m512bh)_mm512_loadu_si512(w + (o + c) * in + i);
+    if (kPrefetch)
+      RWKV7_UNROLL for (int c = 0; c < kOuts; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (o + kOuts + c) * in + i), _MM_HINT_T0);
+    RWKV7_UNROLL for (int row = 0; row < kRows; ++row) {
+      const __m512bh x_vec = (__m512bh)_mm512_loadu_si512(x + row * in + i);
+      RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) acc[row][c] = _mm512_dpbf16_ps(acc[row][c], w_vec[c], x_vec);
+    }
+  }
+  RWKV7_UNROLL for (int row = 0; row < kRows; ++row)
+    RWKV7_UNROLL for (int c = 0; c < kOuts; ++c) {
+      float sum = _mm512_reduce_add_ps(acc[row][c]);
+      for (int64_t tail = i; tail < in; ++tail)
+        sum += bf16_to_float(w[(o + c) * in + tail]) * bf16_to_float(x[row * in + tail]);
+      y[row * out + o + c] = sum;
+    }
+}
+
+template <int kOuts>
+RWKV7_AVX512_BF16 RWKV7_INLINE void gemv_bf16_outs(const uint16_t* w, const uint16_t* x, int64_t rows, int64_t in,
+                                                   float* y, int64_t out, int64_t o) {
+  int64_t r = 0;
+  if (rows >= 4 && o + 2 * kOuts <= out) {
+    gemv_bf16_tile<4, kOuts, true>(w, x, in, y, out, o);
+    r = 4;
+  }
+  for (; r + 4 <= rows; r += 4) gemv_bf16_tile<4, kOuts>(w, x + r * in, in, y + r * out, out, o);
+  for (; r < rows; ++r) gemv_bf16_tile<1, kOuts>(w, x + r * in, in, y + r * out, out, o);
+}
+
+RWKV7_AVX512_BF16 void gemv_bf16_range_avx512_bf16(const uint16_t* w, const float* x, int64_t rows, int64_t in,
+                                                   float* y, int64_t out, int64_t begin, int64_t end) {
+  std::vector<uint16_t> x_bf16(rows * in);
+  int64_t i = 0;
+  for (; i + 32 <= rows * in; i += 32)
+    _mm512_storeu_si512(x_bf16.data() + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16),
+                                                                         _mm512_loadu_ps(x + i)));
+  for (; i < rows * in; ++i) x_bf16[i] = float_to_bf16(x[i]);
+  int64_t o = begin;
+  for (; o + 4 <= end; o += 4) gemv_bf16_outs<4>(w, x_bf16.data(), rows, in, y, out, o);
+  for (; o < end; ++o) gemv_bf16_outs<1>(w, x_bf16.data(), rows, in, y, out, o);
+}
+
 template <typename T>
 RWKV7_AVX512 void gemv_range_avx512(const T* w, const Vector& scale, const float* x, int64_t rows, int64_t in,
                                     float* y, int64_t out, int64_t begin, int64_t end) {
-  constexpr int kRows = 4;
-  for (int64_t o = begin; o < end; ++o) {
-    const T* w_row = w + o * in;
-    int64_t r = 0;
-    for (; r + kRows <= rows; r += kRows) {
-      const float* x_rows = x + r * in;
-      __m512 acc[kRows][2];
-      for (int row = 0; row < kRows; ++row) acc[row][0] = acc[row][1] = _mm512_setzero_ps();
-      int64_t i = 0;
-      for (; i + 32 <= in; i += 32) {
-        const __m512 w0 = load16(w_row + i), w1 = load16(w_row + i + 16);
-        for (int row = 0; row < kRows; ++row) {
-          acc[row][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x_rows + row * in + i), acc[row][0]);
-          acc[row][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x_rows + row * in + i + 16), acc[row][1]);
-        }
-      }
-      for (; i + 16 <= in; i += 16) {
-        const __m512 w0 = load16(w_row + i);
-        for (int row = 0; row < kRows; ++row)
-          acc[row][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x_rows + row * in + i), acc[row][0]);
-      }
-      for (int row = 0; row < kRows; ++row) {
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[row][0], acc[row][1]));
-        for (int64_t tail = i; tail < in; ++tail) sum += load1(w_row + tail) * x_rows[row * in + tail];
-        y[(r + row) * out + o] = scale.defined() ? sum * scale[o] : sum;
-      }
-    }
-    for (; r < rows; ++r) {
-      const float* x_row = x + r * in;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      int64_t i = 0;
-      for (; i + 64 <= in; i += 64)
-        for (int part = 0; part < 4; ++part)
-          acc[part] = _mm512_fmadd_ps(load16(w_row + i + 16 * part), _mm512_loadu_ps(x_row + i + 16 * part), acc[part]);
-      for (; i + 16 <= in; i += 16) acc[0] = _mm512_fmadd_ps(load16(w_row + i), _mm512_loadu_ps(x_row + i), acc[0]);
-      float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-      for (; i < in; ++i) sum += load1(w_row + i) * x_row[i];
-      y[r * out + o] = scale.defined() ? sum * scale[o] : sum;
-    }
-  }
+  int64_t o = begin;
+  for (; o + 4 <= end; o += 4) gemv_outs_avx512<T, 4>(w, scale, x, rows, in, y, out, o);
+  for (; o < end; ++o) gemv_outs_avx512<T, 1>(w, scale, x, rows, in, y, out, o);
 }
 
 // int4 (portable form): y[r, o] = sum over groups g of scale[o, g] * sum_{i in g} (q[o, i] - 8) x[r, i].
@@ -206,7 +284,7 @@ RWKV7_AVX512 void gemv_int4_range_avx512(const Weight& w, const float* x, int64_
 
 using GemvRange = void (*)(const Weight&, const float*, int64_t, float*, int64_t, int64_t);
 
-#define RWKV7_GEMV_FOR_TARGET(name, attributes, range, int4_range)                                               \
+#define RWKV7_GEMV_FOR_TARGET(name, attributes, range, bf16_range, int4_range)                                   \
   attributes void name(const Weight& w, const float* x, int64_t rows, float* y, int64_t begin, int64_t end) {   \
     switch (w.dtype) {                                                                                           \
       case at::kByte:                                                                                            \
@@ -214,15 +292,31 @@ using GemvRange = void (*)(const Weight&, const float*, int64_t, float*, int64_t
       case at::kFloat:                                                                                           \
         return range(static_cast<const float*>(w.data), w.scale, x, rows, w.in, y, w.out, begin, end);          \
       case at::kBFloat16:                                                                                        \
-        return range(static_cast<const uint16_t*>(w.data), w.scale, x, rows, w.in, y, w.out, begin, end);       \
+        return bf16_range(static_cast<const uint16_t*>(w.data), w.scale, x, rows, w.in, y, w.out, begin, end);  \
       default:                                                                                                   \
         return range(static_cast<const int8_t*>(w.data), w.scale, x, rows, w.in, y, w.out, begin, end);         \
     }                                                                                                            \
   }
+#define RWKV7_BF16_ROUNDED(name, range)                                                                          \
+  void name(const uint16_t* w, const Vector& scale, const float* x, int64_t rows, int64_t in, float* y,          \
+            int64_t out, int64_t begin, int64_t end) {                                                            \
+    const std::vector<float> rounded = rows_rounded_to_bf16(x, rows * in);                                       \
+    range(w, scale, rounded.data(), rows, in, y, out, begin, end);                                               \
+  }
+RWKV7_BF16_ROUNDED(gemv_bf16_range_avx512, gemv_range_avx512<uint16_t>)
+RWKV7_BF16_ROUNDED(gemv_bf16_range, gemv_range<uint16_t>)
+#undef RWKV7_BF16_ROUNDED
+// (the AVX512-BF16 variant: bfloat16 weights take no scale)
+void gemv_bf16_range_avx512_bf16_unscaled(const uint16_t* w, const Vector&, const float* x, int64_t rows, int64_t in,
+                                          float* y, int64_t out, int64_t begin, int64_t end) {
+  gemv_bf16_range_avx512_bf16(w, x, rows, in, y, out, begin, end);
+}
 
-RWKV7_GEMV_FOR_TARGET(gemv_avx512, RWKV7_AVX512, gemv_range_avx512, gemv_int4_range_avx512)
-RWKV7_GEMV_FOR_TARGET(gemv_avx2, __attribute__((target("avx2,fma"))), gemv_range, gemv_int4_range)
-RWKV7_GEMV_FOR_TARGET(gemv_baseline, , gemv_range, gemv_int4_range)
+RWKV7_GEMV_FOR_TARGET(gemv_avx512_bf16, RWKV7_AVX512, gemv_range_avx512, gemv_bf16_range_avx512_bf16_unscaled,
+                      gemv_int4_range_avx512)
+RWKV7_GEMV_FOR_TARGET(gemv_avx512, RWKV7_AVX512, gemv_range_avx512, gemv_bf16_range_avx512, gemv_int4_range_avx512)
+RWKV7_GEMV_FOR_TARGET(gemv_avx2, __attribute__((target("avx2,fma"))), gemv_range, gemv_bf16_range, gemv_int4_range)
+RWKV7_GEMV_FOR_TARGET(gemv_baseline, , gemv_range, gemv_bf16_range, gemv_int4_range)
 #undef RWKV7_GEMV_FOR_TARGET
 
 // The best variant the CPU runs, capped like torch's own kernels by ATEN_CPU_CAPABILITY ("default", "avx2").
@@ -232,7 +326,7 @@ GemvRange pick_gemv() {
   const std::string limit = cap ? cap : "";
   if (limit != "default" && limit != "avx2" && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return gemv_avx512;
+    return limit != "avx512" && __builtin_cpu_supports("avx512bf16") ? gemv_avx512_bf16 : gemv_avx512;
   if (limit != "default" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemv_avx2;
   return gemv_baseline;
 }
@@ -270,7 +364,8 @@ RWKV7_WKV_FOR_TARGET(wkv_head_avx2, __attribute__((target("avx2,fma"))))
 RWKV7_WKV_FOR_TARGET(wkv_head_baseline, )
 #undef RWKV7_WKV_FOR_TARGET
 
-const WkvHead wkv_head_for_cpu = gemv_range_for_cpu == gemv_avx512 ? wkv_head_avx512
+const bool avx512_for_cpu = gemv_range_for_cpu == gemv_avx512 || gemv_range_for_cpu == gemv_avx512_bf16;
+const WkvHead wkv_head_for_cpu = avx512_for_cpu ? wkv_head_avx512
                                  : gemv_range_for_cpu == gemv_avx2  ? wkv_head_avx2
                                                                     : wkv_head_baseline;
 
@@ -367,24 +462,38 @@ Weight as_weight(const at::Tensor& weight, const std::optional<at::Tensor>& scal
 // ---------------------------------------------------------------------------------------------------------------
 // Elementwise pieces, on [rows, channels] float32 buffers.
 
-void layer_norm(const float* x, const Vector& weight, const Vector& bias, float eps, int64_t rows, int64_t channels,
-                float* y) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * channels;
-    float mean = 0.f, var = 0.f;
-    for (int64_t c = 0; c < channels; ++c) mean += xr[c];
-    mean /= channels;
-    for (int64_t c = 0; c < channels; ++c) var += (xr[c] - mean) * (xr[c] - mean);
-    float inv_std = 1.f / std::sqrt(var / channels + eps);
-    for (int64_t c = 0; c < channels; ++c) y[r * channels + c] = (xr[c] - mean) * inv_std * weight[c] + bias[c];
-  }
+// Runs fn(row) for each of `rows` rows, across the threads when there are enough rows to share.
+template <typename Fn>
+void for_rows(int64_t rows, const Fn& fn) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) fn(row);
+  });
 }
 
+void layer_norm_row(const float* x, const Vector& weight, const Vector& bias, float eps, int64_t channels, float* y) {
+  float mean = 0.f, var = 0.f;
+  for (int64_t c = 0; c < channels; ++c) mean += x[c];
+  mean /= channels;
+  for (int64_t c = 0; c < channels; ++c) var += (x[c] - mean) * (x[c] - mean);
+  float inv_std = 1.f / std::sqrt(var / channels + eps);
+  for (int64_t c = 0; c < channels; ++c) y[c] = (x[c] - mean) * inv_std * weight[c] + bias[c];
+}
+
+// Row `row` of a float32 or bfloat16 [rows, channels] state := values (rounded to the nearest bfloat16, as copy_).
+void store_row(at::Tensor& state, int64_t row, const float* values) {
+  const int64_t channels = state.size(1);
+  if (state.scalar_type() == at::kFloat) {
+    std::memcpy(state.data_ptr<float>() + row * channels, values, channels * sizeof(float));
+  } else {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(state.data_ptr<at::BFloat16>()) + row * channels;
+    for (int64_t c = 0; c < channels; ++c) bits[c] = float_to_bf16(values[c]);
+  }
+}
 
 }  // namespace
 
 int64_t rwkv7_decode_vector_bits_cpu() {
-  return gemv_range_for_cpu == gemv_avx512 ? 512 : gemv_range_for_cpu == gemv_avx2 ? 256 : 128;
+  return avx512_for_cpu ? 512 : gemv_range_for_cpu == gemv_avx2 ? 256 : 128;
 }
 
 at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& scale) {
@@ -458,30 +567,34 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
   check_shape(kFfnKey, F, C);
   check_shape(kFfnValue, C, F);
 
+  if (!first_layer)
+    TORCH_CHECK(v_first->scalar_type() == at::kFloat && v_first->is_contiguous() && v_first->numel() == B * C,
+                "rwkv7 block_decode_step: v_first must be contiguous float32 [", B, ", ", C, "], got ",
+                v_first->sizes(), " ", v_first->scalar_type());
+  const Vector attn_shift = as_vector(attn_shift_state, B * C, "attn_shift_state", 0);
+  const Vector ffn_shift = as_vector(ffn_shift_state, B * C, "ffn_shift_state", 0);
   const int64_t BC = B * C;
 
   at::Tensor out = hidden.clone();
   at::Tensor value = at::empty({B, C}, hidden.options());
   float* x = out.data_ptr<float>();
   float* v = value.data_ptr<float>();
-  std::vector<float> xn(BC), prev(BC), mixed(6 * BC), r(BC), decay(BC), k(BC), a(BC), g(BC), kk(BC), y(BC),
-      tmp(BC), low_w(B * mat[kW1].out), low_a(B * mat[kA1].out), low_g(B * mat[kG1].out),
+  std::vector<float> mixed(6 * BC), r(BC), decay(BC), k(BC), a(BC), g(BC), kk(BC), replace(BC), y(BC), tmp(BC),
+      low_w(B * mat[kW1].out), low_a(B * mat[kA1].out), low_g(B * mat[kG1].out),
       low_v(first_layer ? 0 : B * mat[kV1].out), hidden_ffn(B * F);
 
   // ---- time mix: x += o_proj(...)(attn_norm(x))
-  layer_norm(x, V[kAttnNormW], V[kAttnNormB], norm_eps, B, C, xn.data());
-  {
-    Vector shift = as_vector(attn_shift_state, BC, "attn_shift_state", 0);
-    for (int64_t i = 0; i < BC; ++i) prev[i] = shift[i];
-  }
-  attn_shift_state.copy_(at::from_blob(xn.data(), {B, C}, hidden.options()));
+  // the token shift: each of the six inputs lerps the normed token towards the previous one (the state, which then
+  // holds this token)
   const int mixes[6] = {kXR, kXW, kXK, kXV, kXA, kXG};
-  for (int m = 0; m < 6; ++m)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = b * C + c;
-        mixed[m * BC + i] = xn[i] + (prev[i] - xn[i]) * V[mixes[m]][c];
-      }
+  for_rows(B, [&](int64_t b) {
+    std::vector<float> xn(C);
+    layer_norm_row(x + b * C, V[kAttnNormW], V[kAttnNormB], norm_eps, C, xn.data());
+    for (int m = 0; m < 6; ++m)
+      for (int64_t c = 0; c < C; ++c)
+        mixed[m * BC + b * C + c] = xn[c] + (attn_shift[b * C + c] - xn[c]) * V[mixes[m]][c];
+    store_row(attn_shift_state, b, xn.data());
+  });
   const float *x_r = &mixed[0], *x_w = &mixed[BC], *x_k = &mixed[2 * BC], *x_v = &mixed[3 * BC],
               *x_a = &mixed[4 * BC], *x_g = &mixed[5 * BC];
 
@@ -502,31 +615,31 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     gemv({lora_w2, lora_a2, {mat[kG2], low_g.data(), g.data()}}, B);
   else
     gemv({lora_w2, lora_a2, {mat[kG2], low_g.data(), g.data()}, {mat[kV2], low_v.data(), tmp.data(), Finish::kSigmoid, V[kV0]}}, B);
-  // value residual: every later layer mixes in the first layer's value
-  if (!first_layer) {
-    TORCH_CHECK(v_first->scalar_type() == at::kFloat && v_first->is_contiguous() && v_first->numel() == BC,
-                "rwkv7 block_decode_step: v_first must be contiguous float32 [", B, ", ", C, "], got ",
-                v_first->sizes(), " ", v_first->scalar_type());
-    const float* v_first_data = v_first->data_ptr<float>();
-    for (int64_t i = 0; i < BC; ++i) v[i] += (v_first_data[i] - v[i]) * tmp[i];
-  }
-  // removal key (per-head L2-normalized k * k_k), then k scaled by the learning rate
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t o = bh * N;
-    float norm = 0.f;
-    for (int64_t j = 0; j < N; ++j) {
-      kk[o + j] = k[o + j] * V[kKK][(bh % H) * N + j];
-      norm += kk[o + j] * kk[o + j];
+
+  // per row: the value residual (every later layer mixes in the first layer's value), the removal key (per-head
+  // L2-normalized k * k_k) and its replacement b = kk * learning rate, then k scaled by the learning rate
+  const float* v_first_data = first_layer ? nullptr : v_first->data_ptr<float>();
+  for_rows(B, [&](int64_t b) {
+    const int64_t row = b * C;
+    if (v_first_data)
+      for (int64_t c = 0; c < C; ++c) v[row + c] += (v_first_data[row + c] - v[row + c]) * tmp[row + c];
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t o = row + h * N;
+      float norm = 0.f;
+      for (int64_t j = 0; j < N; ++j) {
+        kk[o + j] = k[o + j] * V[kKK][h * N + j];
+        norm += kk[o + j] * kk[o + j];
+      }
+      norm = std::max(std::sqrt(norm), 1e-12f);
+      for (int64_t j = 0; j < N; ++j) kk[o + j] /= norm;
     }
-    norm = std::max(std::sqrt(norm), 1e-12f);
-    for (int64_t j = 0; j < N; ++j) kk[o + j] /= norm;
-  }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < C; ++c) k[b * C + c] *= (1.f - V[kKA][c]) + a[b * C + c] * V[kKA][c];
+    for (int64_t c = 0; c < C; ++c) {
+      replace[row + c] = kk[row + c] * a[row + c];
+      k[row + c] *= (1.f - V[kKA][c]) + a[row + c] * V[kKA][c];
+    }
+  });
 
   float* S_all = recurrent_state.data_ptr<float>();
-  std::vector<float> replace(BC);  // b = kk * learning rate
-  for (int64_t i = 0; i < BC; ++i) replace[i] = kk[i] * a[i];
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t o = bh * N;
@@ -535,35 +648,33 @@ std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     }
   });
   // group norm per head, plus the bonus v * ((r * k) . r_k), times the gate
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const int64_t o = bh * N, h = bh % H;
-    float mean = 0.f, var = 0.f, bonus = 0.f;
-    for (int64_t j = 0; j < N; ++j) mean += y[o + j];
-    mean /= N;
-    for (int64_t j = 0; j < N; ++j) var += (y[o + j] - mean) * (y[o + j] - mean);
-    float inv_std = 1.f / std::sqrt(var / N + group_norm_eps);
-    for (int64_t j = 0; j < N; ++j) bonus += r[o + j] * k[o + j] * V[kRK][h * N + j];
-    for (int64_t j = 0; j < N; ++j) {
-      const int64_t c = h * N + j;
-      float normed = (y[o + j] - mean) * inv_std * V[kGNormW][c] + V[kGNormB][c];
-      tmp[o + j] = (normed + v[o + j] * bonus) * g[o + j];
+  for_rows(B, [&](int64_t b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t o = b * C + h * N;
+      float mean = 0.f, var = 0.f, bonus = 0.f;
+      for (int64_t j = 0; j < N; ++j) mean += y[o + j];
+      mean /= N;
+      for (int64_t j = 0; j < N; ++j) var += (y[o + j] - mean) * (y[o + j] - mean);
+      float inv_std = 1.f / std::sqrt(var / N + group_norm_eps);
+      for (int64_t j = 0; j < N; ++j) bonus += r[o + j] * k[o + j] * V[kRK][h * N + j];
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t c = h * N + j;
+        float normed = (y[o + j] - mean) * inv_std * V[kGNormW][c] + V[kGNormB][c];
+        tmp[o + j] = (normed + v[o + j] * bonus) * g[o + j];
+      }
     }
-  }
+  });
   gemv({{mat[kO], tmp.data(), y.data()}}, B);
-  for (int64_t i = 0; i < BC; ++i) x[i] += y[i];
 
   // ---- channel mix: x += value(relu(key(lerp(ffn_norm(x), previous, x_k)))^2)
-  layer_norm(x, V[kFfnNormW], V[kFfnNormB], norm_eps, B, C, xn.data());
-  {
-    Vector shift = as_vector(ffn_shift_state, BC, "ffn_shift_state", 0);
-    for (int64_t i = 0; i < BC; ++i) prev[i] = shift[i];
-  }
-  ffn_shift_state.copy_(at::from_blob(xn.data(), {B, C}, hidden.options()));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = b * C + c;
-      tmp[i] = xn[i] + (prev[i] - xn[i]) * V[kFfnXK][c];
-    }
+  for_rows(B, [&](int64_t b) {
+    const int64_t row = b * C;
+    std::vector<float> xn(C);
+    for (int64_t c = 0; c < C; ++c) x[row + c] += y[row + c];
+    layer_norm_row(x + row, V[kFfnNormW], V[kFfnNormB], norm_eps, C, xn.data());
+    for (int64_t c = 0; c < C; ++c) tmp[row + c] = xn[c] + (ffn_shift[row + c] - xn[c]) * V[kFfnXK][c];
+    store_row(ffn_shift_state, b, xn.data());
+  });
   gemv({{mat[kFfnKey], tmp.data(), hidden_ffn.data(), Finish::kReluSquare}}, B);
   gemv({{mat[kFfnValue], hidden_ffn.data(), y.data()}}, B);
   for (int64_t i = 0; i < BC; ++i) x[i] += y[i];

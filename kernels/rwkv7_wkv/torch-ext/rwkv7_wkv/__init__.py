@@ -66,8 +66,9 @@ def wkv7_decode_step(
 
 def gemv(rows: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``rows [n, in] @ weight [out, in]^T``, summed in float32 and returned in the rows' dtype (float32 or
-    bfloat16). weight: float32 or bfloat16; int8 times ``scale [out]``; or int4 from `pack_int4` (uint8
-    [out, in / 2]) times ``scale [out, in / group]``, one per group of `group` values (a multiple of 32). CPU only."""
+    bfloat16). weight: float32; bfloat16 (times the rows rounded to bfloat16); int8 times ``scale [out]``; or int4
+    from `pack_int4` (uint8 [out, in / 2]) times ``scale [out, in / group]``, one per group of `group` values (a
+    multiple of 32). Each row's result is the same bits whatever the other rows (batch invariance). CPU only."""
     return ops.gemv(rows, weight, scale)
 
 
