@@ -59,11 +59,11 @@ class NativeDecodeStep:
     of 32 (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))`, llama.cpp's Q4_0 layout),
     which the step packs two values per byte once, when it reads them. The arithmetic is float32 whatever their
     dtype, except that bfloat16 weights multiply their inputs rounded to bfloat16 (the eager bfloat16 model rounds
-    after every op). Each row of a batch gets exactly what it gets alone. The step holds the model's tensors (the int4 ones
-    packed): in-place updates are seen, and a replaced parameter or module is found at the next call (a few
-    microseconds of identity checks) and read again. `readable()` is False while the model holds a module the ops
-    cannot read (a PEFT adapter, a replaced layer, weights in another format; said once, naming it): the eager
-    model decodes then. Not differentiable.
+    after every op). Each row of a batch gets exactly the bits it gets alone. The step holds the model's tensors
+    (the int4 ones packed): in-place updates are seen, and a replaced parameter or module is found at the next
+    call (a few microseconds of identity checks) and read again. `readable()` is False while the model holds a
+    module the ops cannot read (a PEFT adapter, a replaced layer, weights in another format; said once, naming
+    it): the eager model decodes then. Not differentiable.
     """
 
     def __init__(self, model, kernel):

@@ -1,9 +1,9 @@
 """The native CPU decoding step (the package's `block_decode_step` per block and `gemv` for the head), which a plain
 decoding call of the model takes by default on CPU (`dispatch_rwkv7`), computes what the eager model computes, token
 after token: float32 weights to float32 rounding; bfloat16 weights times the rows rounded to bfloat16, summed in
-float32 (no further from the float32 truth than the eager bfloat16 model); torchao int8 and int4 weights as their dequantized values. `gemv` against F.linear
-for every projection shape of the presets. Calls the step cannot run (adapters, padding, gradients) run the eager
-model."""
+float32 (no further from the float32 truth than the eager bfloat16 model); torchao int8 and int4 weights as their
+dequantized values. `gemv` against F.linear for every projection shape of the presets, and batch invariance. Calls
+the step cannot run (adapters, padding, gradients) run the eager model."""
 
 import copy
 import logging
@@ -71,9 +71,9 @@ def test_float32_default_decoding_is_native_and_matches_the_eager_step_over_64_t
 
 def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bfloat16(counting):
     """bfloat16 weights: the native step rounds the inputs of its products to bfloat16 and computes the rest in
-    float32 (the logits and shift states rounded to bfloat16), the eager bfloat16 model after every op. Truth: the float32 eager model holding the same bfloat16-rounded weights.
-    Over 32 tokens from a fresh cache the native step's logits and states are no further from it than the eager
-    bfloat16 model's, and close in absolute terms."""
+    float32 (the logits and shift states rounded to bfloat16), the eager bfloat16 model after every op. Truth: the
+    float32 eager model holding the same bfloat16-rounded weights. Over 32 tokens from a fresh cache the native
+    step's logits and states are no further from it than the eager bfloat16 model's, and close in absolute terms."""
     model = random_model(seed=71).to(torch.bfloat16)
     truth_model = copy.deepcopy(model).float()
     tokens = tokens_for(2, 32, seed=72)
