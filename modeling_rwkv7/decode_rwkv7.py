@@ -67,12 +67,20 @@ class NativeDecodeStep:
     """
 
     def __init__(self, model, kernel):
-        missing = [name for name in ("block_decode_step", "gemv", "pack_int4") if not hasattr(kernel, name)]
+        names = ("block_decode_step", "gemv", "pack_int4", "BLOCK_VECTORS", "BLOCK_WEIGHTS")
+        missing = [name for name in names if not getattr(kernel, name, None)]
         if missing:
             raise ValueError(
                 f"The kernel module {getattr(kernel, '__name__', kernel)!r} has no {missing}: it is not a CPU "
-                "build of "
-                "kernels/rwkv7_wkv with the decoding ops."
+                "build of kernels/rwkv7_wkv with the decoding ops."
+            )
+        unknown = sorted(
+            (set(kernel.BLOCK_VECTORS) - set(_BLOCK_VECTORS)) | (set(kernel.BLOCK_WEIGHTS) - set(_BLOCK_PROJECTIONS))
+        )
+        if unknown:
+            raise ValueError(
+                f"The kernel's block_decode_step takes tensors this package does not know: {unknown} (a kernel "
+                "built from other sources than this package's)."
             )
         self.model, self.kernel = model, kernel
         config = model.config
@@ -88,7 +96,8 @@ class NativeDecodeStep:
             model = read.child(self.model, "model")
             layers = read.child(model, "layers")
             blocks = [
-                _block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}") for i in range(len(layers))
+                _block_tensors(read, read.child(layers, str(i)), f"model.layers.{i}", self.kernel)
+                for i in range(len(layers))
             ]
             return {
                 "embeddings": read.param(read.child(model, "embeddings"), "weight"),
@@ -232,49 +241,49 @@ def _is_int4_groups(weight: torch.Tensor) -> bool:
     )
 
 
-# The projections of a block in the order of the kernel's BLOCK_WEIGHTS; the w, a and v LoRAs' second layers have
-# biases, which are among the vectors.
-_BLOCK_PROJECTIONS = (
-    ("attn", "r_proj"),
-    ("attn", "k_proj"),
-    ("attn", "v_proj"),
-    ("attn", "o_proj"),
-    ("attn", "w_lora", "lora", "0"),
-    ("attn", "w_lora", "lora", "2"),
-    ("attn", "a_lora", "lora", "0"),
-    ("attn", "a_lora", "lora", "2"),
-    ("attn", "v_lora", "lora", "0"),
-    ("attn", "v_lora", "lora", "2"),
-    ("attn", "g_lora", "lora", "0"),
-    ("attn", "g_lora", "lora", "2"),
-    ("ffn", "key"),
-    ("ffn", "value"),
-)
-# The vectors in the order of BLOCK_VECTORS: (module path, parameter name).
-_BLOCK_VECTORS = (
-    (("attn_norm",), "weight"),
-    (("attn_norm",), "bias"),
-    (("attn",), "x_r"),
-    (("attn",), "x_w"),
-    (("attn",), "x_k"),
-    (("attn",), "x_v"),
-    (("attn",), "x_a"),
-    (("attn",), "x_g"),
-    (("attn",), "k_k"),
-    (("attn",), "k_a"),
-    (("attn",), "r_k"),
-    (("attn", "w_lora", "lora", "2"), "bias"),
-    (("attn", "a_lora", "lora", "2"), "bias"),
-    (("attn", "v_lora", "lora", "2"), "bias"),
-    (("attn", "g_norm"), "weight"),
-    (("attn", "g_norm"), "bias"),
-    (("ffn_norm",), "weight"),
-    (("ffn_norm",), "bias"),
-    (("ffn",), "x_k"),
-)
+# Where each of the kernel's BLOCK_WEIGHTS (its names) lives in an `RWKV7Block`; the w, a and v LoRAs' second
+# layers have biases, which are among the vectors.
+_BLOCK_PROJECTIONS = {
+    "r": ("attn", "r_proj"),
+    "k": ("attn", "k_proj"),
+    "v": ("attn", "v_proj"),
+    "o": ("attn", "o_proj"),
+    "w1": ("attn", "w_lora", "lora", "0"),
+    "w2": ("attn", "w_lora", "lora", "2"),
+    "a1": ("attn", "a_lora", "lora", "0"),
+    "a2": ("attn", "a_lora", "lora", "2"),
+    "v1": ("attn", "v_lora", "lora", "0"),
+    "v2": ("attn", "v_lora", "lora", "2"),
+    "g1": ("attn", "g_lora", "lora", "0"),
+    "g2": ("attn", "g_lora", "lora", "2"),
+    "ffn.key": ("ffn", "key"),
+    "ffn.value": ("ffn", "value"),
+}
+# Where each of the kernel's BLOCK_VECTORS lives: (module path, parameter name).
+_BLOCK_VECTORS = {
+    "attn_norm.weight": (("attn_norm",), "weight"),
+    "attn_norm.bias": (("attn_norm",), "bias"),
+    "x_r": (("attn",), "x_r"),
+    "x_w": (("attn",), "x_w"),
+    "x_k": (("attn",), "x_k"),
+    "x_v": (("attn",), "x_v"),
+    "x_a": (("attn",), "x_a"),
+    "x_g": (("attn",), "x_g"),
+    "k_k": (("attn",), "k_k"),
+    "k_a": (("attn",), "k_a"),
+    "r_k": (("attn",), "r_k"),
+    "w0": (("attn", "w_lora", "lora", "2"), "bias"),
+    "a0": (("attn", "a_lora", "lora", "2"), "bias"),
+    "v0": (("attn", "v_lora", "lora", "2"), "bias"),
+    "g_norm.weight": (("attn", "g_norm"), "weight"),
+    "g_norm.bias": (("attn", "g_norm"), "bias"),
+    "ffn_norm.weight": (("ffn_norm",), "weight"),
+    "ffn_norm.bias": (("ffn_norm",), "bias"),
+    "ffn.x_k": (("ffn",), "x_k"),
+}
 
 
-def _block_tensors(read: _Sources, layer, path: str) -> tuple[list, list, list]:
+def _block_tensors(read: _Sources, layer, path: str, kernel) -> tuple[list, list, list]:
     """The vectors, weights and scales of one `RWKV7Block` in the order of the kernel's `BLOCK_VECTORS` /
     `BLOCK_WEIGHTS` (None for layer 0's absent value-residual LoRA)."""
 
@@ -287,11 +296,13 @@ def _block_tensors(read: _Sources, layer, path: str) -> tuple[list, list, list]:
         return module
 
     vectors = []
-    for names, param in _BLOCK_VECTORS:
+    for name in kernel.BLOCK_VECTORS:
+        names, param = _BLOCK_VECTORS[name]
         module = module_at(names)
         vectors.append(None if module is None else read.param(module, param))
     weights, scales = [], []
-    for names in _BLOCK_PROJECTIONS:
+    for name in kernel.BLOCK_WEIGHTS:
+        names = _BLOCK_PROJECTIONS[name]
         module = module_at(names)
         has_bias = names[1] in ("w_lora", "a_lora", "v_lora") and names[-1] == "2"
         weight, scale = (

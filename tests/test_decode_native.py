@@ -474,6 +474,7 @@ class CountingKernel:
 
     def __init__(self, kernel):
         self.kernel, self.blocks = kernel, 0
+        self.BLOCK_VECTORS, self.BLOCK_WEIGHTS = kernel.BLOCK_VECTORS, kernel.BLOCK_WEIGHTS
 
     def block_decode_step(self, *args):
         self.blocks += 1
@@ -585,6 +586,35 @@ def test_a_kernel_without_the_ops_is_refused(kernel):
     with pytest.raises(ValueError, match="block_decode_step") as refusal:
         native_decode_step(model, SimpleNamespace(gemv=kernel.gemv))
     assert "'gemv'" not in str(refusal.value)
+    renamed = SimpleNamespace(**{name: getattr(kernel, name) for name in ("block_decode_step", "gemv", "pack_int4")})
+    renamed.BLOCK_VECTORS, renamed.BLOCK_WEIGHTS = (*kernel.BLOCK_VECTORS, "x_q"), kernel.BLOCK_WEIGHTS
+    with pytest.raises(ValueError, match="does not know: \\['x_q'\\]"):
+        native_decode_step(model, renamed)
+
+
+def test_the_block_layout_is_the_ops_own(kernel):
+    """BLOCK_VECTORS / BLOCK_WEIGHTS come from the op (`block_layout`), which checks their counts on every call: a
+    list one short is refused, naming the counts."""
+    assert kernel.ops.block_layout() == (list(kernel.BLOCK_VECTORS), list(kernel.BLOCK_WEIGHTS))
+    assert len(kernel.BLOCK_VECTORS) == 19 and kernel.BLOCK_WEIGHTS[-2:] == ("ffn.key", "ffn.value")
+    model = random_model(seed=122)
+    vectors, weights, scales = native_decode_step(model, kernel)._tensors["blocks"][1]
+    cache = model.init_cache(batch_size=1)
+    state = cache.layers[1]
+    with pytest.raises(RuntimeError, match="expected 19 vectors and 14 weights and scales, got 18, 14, 14"):
+        kernel.block_decode_step(
+            torch.zeros(1, 128),
+            torch.zeros(1, 128),
+            vectors[:-1],
+            weights,
+            scales,
+            state.attn_shift_state,
+            state.recurrent_state,
+            state.ffn_shift_state,
+            1e-5,
+            64e-5,
+            0.6,
+        )
 
 
 def test_a_training_model_with_dropout_decodes_eagerly_and_natively_in_eval_mode(counting):

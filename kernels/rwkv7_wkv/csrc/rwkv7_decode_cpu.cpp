@@ -508,11 +508,27 @@ at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, cons
   return rows.scalar_type() == at::kFloat ? y : y.to(rows.scalar_type());
 }
 
-// Argument order of block_decode_step (see torch_binding.cpp for the schema and torch-ext's `block_decode_step`
-// for the Python names).
-enum Vec { kAttnNormW, kAttnNormB, kXR, kXW, kXK, kXV, kXA, kXG, kKK, kKA, kRK, kW0, kA0, kV0, kGNormW, kGNormB,
-           kFfnNormW, kFfnNormB, kFfnXK, kNumVectors };
-enum Mat { kR, kK, kV, kO, kW1, kW2, kA1, kA2, kV1, kV2, kG1, kG2, kFfnKey, kFfnValue, kNumWeights };
+// The vectors and weights of block_decode_step in its argument order, (index, name): the one place the order is
+// written. `block_layout()` hands the names to Python (torch-ext's BLOCK_VECTORS / BLOCK_WEIGHTS, which
+// modeling_rwkv7/decode_rwkv7.py reads the model's tensors by).
+#define RWKV7_BLOCK_VECTORS(X)                                                                                     \
+  X(kAttnNormW, "attn_norm.weight") X(kAttnNormB, "attn_norm.bias") X(kXR, "x_r") X(kXW, "x_w") X(kXK, "x_k")   \
+  X(kXV, "x_v") X(kXA, "x_a") X(kXG, "x_g") X(kKK, "k_k") X(kKA, "k_a") X(kRK, "r_k") X(kW0, "w0") X(kA0, "a0") \
+  X(kV0, "v0") X(kGNormW, "g_norm.weight") X(kGNormB, "g_norm.bias") X(kFfnNormW, "ffn_norm.weight")            \
+  X(kFfnNormB, "ffn_norm.bias") X(kFfnXK, "ffn.x_k")
+#define RWKV7_BLOCK_WEIGHTS(X)                                                                                     \
+  X(kR, "r") X(kK, "k") X(kV, "v") X(kO, "o") X(kW1, "w1") X(kW2, "w2") X(kA1, "a1") X(kA2, "a2") X(kV1, "v1")  \
+  X(kV2, "v2") X(kG1, "g1") X(kG2, "g2") X(kFfnKey, "ffn.key") X(kFfnValue, "ffn.value")
+#define RWKV7_INDEX(index, name) index,
+#define RWKV7_NAME(index, name) name,
+enum Vec { RWKV7_BLOCK_VECTORS(RWKV7_INDEX) kNumVectors };
+enum Mat { RWKV7_BLOCK_WEIGHTS(RWKV7_INDEX) kNumWeights };
+
+std::tuple<std::vector<std::string>, std::vector<std::string>> rwkv7_block_layout_cpu() {
+  return {{RWKV7_BLOCK_VECTORS(RWKV7_NAME)}, {RWKV7_BLOCK_WEIGHTS(RWKV7_NAME)}};
+}
+#undef RWKV7_INDEX
+#undef RWKV7_NAME
 
 std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     const at::Tensor& hidden, const std::optional<at::Tensor>& v_first, const c10::List<std::optional<at::Tensor>>& vectors,

@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 // The op implementations of both backends, registered by torch-ext/torch_binding.cpp (schemas there). Inputs
 // [batch, seq_len, heads, head_dim]; decode_step takes one token, [batch, heads, head_dim], and updates `state`
@@ -35,6 +37,8 @@ WKV7_DECLARE_OPS(cuda)
 // and one token through a whole block (the block's state tensors updated in place).
 at::Tensor rwkv7_gemv_cpu(const at::Tensor& rows, const at::Tensor& weight, const std::optional<at::Tensor>& scale);
 int64_t rwkv7_decode_vector_bits_cpu();  // 512, 256 or 128: the variant of the loops in use (AVX-512, AVX2, baseline)
+// the names of block_decode_step's vectors and weights, in its argument order
+std::tuple<std::vector<std::string>, std::vector<std::string>> rwkv7_block_layout_cpu();
 std::tuple<at::Tensor, at::Tensor> rwkv7_block_decode_step_cpu(
     const at::Tensor& hidden, const std::optional<at::Tensor>& v_first,
     const c10::List<std::optional<at::Tensor>>& vectors, const c10::List<std::optional<at::Tensor>>& weights,

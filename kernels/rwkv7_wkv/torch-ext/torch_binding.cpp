@@ -18,6 +18,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   // CPU decoding (no CUDA implementation: on a GPU the model's own step is used)
   ops.def("gemv(Tensor rows, Tensor weight, Tensor? scale) -> Tensor");
   ops.def("decode_vector_bits() -> int");
+  ops.def("block_layout() -> (str[] vectors, str[] weights)");
   ops.def(
       "block_decode_step(Tensor hidden, Tensor? v_first, Tensor?[] vectors, Tensor?[] weights, Tensor?[] scales, "
       "Tensor(a!) attn_shift_state, Tensor(b!) recurrent_state, Tensor(c!) ffn_shift_state, float norm_eps, "
@@ -28,6 +29,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("decode_step", c10::kCPU, &wkv7_decode_step_cpu);
   ops.impl("gemv", c10::kCPU, &rwkv7_gemv_cpu);
   ops.impl("decode_vector_bits", c10::DispatchKey::CompositeExplicitAutograd, &rwkv7_decode_vector_bits_cpu);
+  ops.impl("block_layout", c10::DispatchKey::CompositeExplicitAutograd, &rwkv7_block_layout_cpu);
   ops.impl("block_decode_step", c10::kCPU, &rwkv7_block_decode_step_cpu);
 #elif defined(CUDA_KERNEL)
   ops.impl("forward", c10::kCUDA, &wkv7_forward_cuda);

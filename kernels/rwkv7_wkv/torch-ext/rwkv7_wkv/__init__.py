@@ -92,29 +92,18 @@ def decode_vector_bits() -> int:
     return ops.decode_vector_bits()
 
 
+def _block_layout() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of `block_decode_step`'s vectors and weights in its argument order, as the op defines them (empty
+    in a build without the CPU decoding ops)."""
+    try:
+        vectors, weights = ops.block_layout()
+    except (NotImplementedError, RuntimeError):
+        return (), ()
+    return tuple(vectors), tuple(weights)
+
+
 # The vectors and weights of `block_decode_step`, in the op's order (None where layer 0 has none: v0, v1, v2).
-BLOCK_VECTORS = (
-    "attn_norm.weight",
-    "attn_norm.bias",
-    "x_r",
-    "x_w",
-    "x_k",
-    "x_v",
-    "x_a",
-    "x_g",
-    "k_k",
-    "k_a",
-    "r_k",
-    "w0",
-    "a0",
-    "v0",
-    "g_norm.weight",
-    "g_norm.bias",
-    "ffn_norm.weight",
-    "ffn_norm.bias",
-    "ffn.x_k",
-)
-BLOCK_WEIGHTS = ("r", "k", "v", "o", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2", "ffn.key", "ffn.value")
+BLOCK_VECTORS, BLOCK_WEIGHTS = _block_layout()
 
 
 def block_decode_step(
