@@ -118,6 +118,9 @@ def test_config_num_labels_out_of_range_is_refused_before_building_labels(num_la
     message = f"RWKV7Config.num_labels must be an integer in [1, 1048576], got {num_labels!r}"
     with pytest.raises(ValueError, match=re.escape(message)):  # 10**12 ran out of memory building id2label
         RWKV7Config.from_dict({"num_labels": num_labels})
+
+
+def test_config_num_labels_at_the_limit_is_taken():
     assert RWKV7Config.from_dict({"num_labels": 2**20}).num_labels == 2**20
 
 
