@@ -47,11 +47,11 @@ SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float}
 # the ContinuousBatchingConfig fields this manager reads; the others are about paged attention caches, and a value
 # other than their default is refused
 READ_CB_FIELDS = {"max_requests_per_batch", "max_batch_tokens", "max_queue_size", "per_request_processors", "seed"}
-# the generation-config fields this manager honours (the sampling ones and when to stop); any other set to a value
-# other than its default is refused, rather than silently not applied
 # Prompts up to this long are read by the batched decoding steps, a token per step (the batch shares the weight
 # reads); a longer one is prefilled in chunks first (a chunk costs about what one step costs, for many tokens).
 STEPPED_PROMPT_TOKENS = 16
+# the generation-config fields this manager honours (the sampling ones and when to stop); any other set to a value
+# other than its default is refused, rather than silently not applied
 READ_GENERATION_FIELDS = {
     "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
     "use_cache", "output_attentions", "output_hidden_states", "transformers_version",

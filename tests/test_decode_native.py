@@ -697,13 +697,14 @@ print(kernel.decode_vector_bits(), worst)
 """
 
 
-@pytest.mark.parametrize("capability, bits", [("avx2", 256), ("default", 128)])
+@pytest.mark.parametrize("capability, bits", [("avx512", 512), ("avx2", 256), ("default", 128)])
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_every_isa_variant_matches_the_eager_step(kernel, capability, bits):
-    """The AVX2 and baseline builds of the loops (chosen by ATEN_CPU_CAPABILITY, as torch's own kernels are) give
-    the eager model's logits (batch 2, 16 tokens) and F.linear's products, each in a process of its own; the
-    variant in use is the one asked for, or the best below it that the CPU has."""
+    """The AVX-512 build without AVX512-BF16 (what a CPU without it runs), the AVX2 and the baseline builds of the
+    loops (chosen by ATEN_CPU_CAPABILITY, as torch's own kernels are) give the eager model's logits (batch 2, 16
+    tokens) and F.linear's products, each in a process of its own; the variant in use is the one asked for, or the
+    best below it that the CPU has."""
     script = _VARIANT_CHECK.format(tests=str(REPO / "tests"))
     result = subprocess.run(
         [sys.executable, "-c", script],
