@@ -1,5 +1,6 @@
 """Issue 11: the compiled decoding step computes what the eager model computes, token after token."""
 
+import pytest
 import torch
 from helpers import STATE_NAMES, random_model
 
@@ -7,6 +8,8 @@ from modeling_rwkv7 import linear_rwkv7
 from modeling_rwkv7.decode_rwkv7 import compile_decode_step
 
 
+@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_step_matches_the_eager_step_over_64_tokens():
     """Batch 2, a 5-token eager prompt, then 64 tokens through both: logits and every state tensor agree."""
     model = random_model(seed=21)
