@@ -199,8 +199,9 @@ RWKV7_AVX512_BF16 RWKV7_INLINE void gemv_bf16_outs(const uint16_t* w, const uint
   for (; r < rows; ++r) gemv_bf16_tile<1, kOuts>(w, x + r * in, in, y + r * out, out, o);
 }
 
-RWKV7_AVX512_BF16 void gemv_bf16_range_avx512_bf16(const uint16_t* w, const float* x, int64_t rows, int64_t in,
-                                                   float* y, int64_t out, int64_t begin, int64_t end) {
+// (bfloat16 weights take no scale: `as_weight` refuses one)
+RWKV7_AVX512_BF16 void gemv_bf16_range_avx512_bf16(const uint16_t* w, const Vector&, const float* x, int64_t rows,
+                                                   int64_t in, float* y, int64_t out, int64_t begin, int64_t end) {
   std::vector<uint16_t> x_bf16(rows * in);
   int64_t i = 0;
   for (; i + 32 <= rows * in; i += 32)
@@ -302,22 +303,18 @@ using GemvRange = void (*)(const Weight&, const float*, int64_t, float*, int64_t
         return range(static_cast<const int8_t*>(w.data), w.scale, x, rows, w.in, y, w.out, begin, end);         \
     }                                                                                                            \
   }
+// (inlined into each variant's dispatcher below, so that the portable loop is compiled for that variant's ISA)
 #define RWKV7_BF16_ROUNDED(name, range)                                                                          \
-  void name(const uint16_t* w, const Vector& scale, const float* x, int64_t rows, int64_t in, float* y,          \
-            int64_t out, int64_t begin, int64_t end) {                                                            \
+  RWKV7_INLINE void name(const uint16_t* w, const Vector& scale, const float* x, int64_t rows, int64_t in,       \
+                         float* y, int64_t out, int64_t begin, int64_t end) {                                    \
     const std::vector<float> rounded = rows_rounded_to_bf16(x, rows * in);                                       \
     range(w, scale, rounded.data(), rows, in, y, out, begin, end);                                               \
   }
 RWKV7_BF16_ROUNDED(gemv_bf16_range_avx512, gemv_range_avx512<uint16_t>)
 RWKV7_BF16_ROUNDED(gemv_bf16_range, gemv_range<uint16_t>)
 #undef RWKV7_BF16_ROUNDED
-// (the AVX512-BF16 variant: bfloat16 weights take no scale)
-void gemv_bf16_range_avx512_bf16_unscaled(const uint16_t* w, const Vector&, const float* x, int64_t rows, int64_t in,
-                                          float* y, int64_t out, int64_t begin, int64_t end) {
-  gemv_bf16_range_avx512_bf16(w, x, rows, in, y, out, begin, end);
-}
 
-RWKV7_GEMV_FOR_TARGET(gemv_avx512_bf16, RWKV7_AVX512, gemv_range_avx512, gemv_bf16_range_avx512_bf16_unscaled,
+RWKV7_GEMV_FOR_TARGET(gemv_avx512_bf16, RWKV7_AVX512, gemv_range_avx512, gemv_bf16_range_avx512_bf16,
                       gemv_int4_range_avx512)
 RWKV7_GEMV_FOR_TARGET(gemv_avx512, RWKV7_AVX512, gemv_range_avx512, gemv_bf16_range_avx512, gemv_int4_range_avx512)
 RWKV7_GEMV_FOR_TARGET(gemv_avx2, __attribute__((target("avx2,fma"))), gemv_range, gemv_bf16_range, gemv_int4_range)
