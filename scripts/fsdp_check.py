@@ -163,6 +163,7 @@ def main(argv=None) -> None:
             json.dump(report, handle, indent=2)
         print(f"{world_size} process(es), {units} FSDP units, losses {losses}", flush=True)
     if sharded:
+        dist.barrier()  # no process tears its connections down while another still uses them (rank 0 saves last)
         dist.destroy_process_group()
 
 
