@@ -13,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 from .linear_rwkv7 import GEMV_MAX_ROWS, RWKV7Linear, measuring_compiled_products, weight_kind
-from .wkv import DECAY_SCALE
+from .wkv_reference import DECAY_SCALE
 
 logger = logging.get_logger(__name__)
 

@@ -93,16 +93,23 @@ def _busy_cpu_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS  # all but idle and iowait
 
 
+def timed_call(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(`fn()`, its wall seconds, the CPU seconds other processes used meanwhile: nan where there is no /proc).
+    The load-aware timer of the decisions below and of `scripts/bench.py`."""
+    busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - start
+    other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
+    return result, wall, other_cpu
+
+
 def timed_while_quiet(time_once: Callable[[], dict]) -> tuple[dict, float]:
     """`time_once()` (it returns seconds per candidate) and the CPU seconds other processes used meanwhile, taken
     once more if they kept a core busy half the time (on a 2-core machine such load slows threaded work tens of
     times): the quieter of the at most two attempts (nothing waits for a quiet machine)."""
     quietest = None
     for _attempt in range(2):
-        busy_before, own_before, start = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-        seconds = time_once()
-        wall = time.perf_counter() - start
-        other_cpu = max((_busy_cpu_seconds() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
+        seconds, wall, other_cpu = timed_call(time_once)
         if quietest is None or other_cpu < quietest[1]:
             quietest = seconds, other_cpu
         if not other_cpu > 0.5 * wall:  # idle enough (or no /proc: nan)
@@ -110,4 +117,12 @@ def timed_while_quiet(time_once: Callable[[], dict]) -> tuple[dict, float]:
     return quietest
 
 
-__all__ = ["cache_root", "decisions_path", "machine", "store_decision", "stored_decision", "timed_while_quiet"]
+__all__ = [
+    "cache_root",
+    "decisions_path",
+    "machine",
+    "store_decision",
+    "stored_decision",
+    "timed_call",
+    "timed_while_quiet",
+]

@@ -26,8 +26,9 @@ from .configuration_rwkv7 import RWKV7Config
 from .decode_rwkv7 import native_decode_step
 from .dispatch_rwkv7 import decode_implementation, native_ops, resolve_implementation
 from .linear_rwkv7 import RWKV7Linear
-from .wkv import DECAY_SCALE, RWKV7WKV
+from .wkv import RWKV7WKV
 from .wkv_kernel import LAYER_NAME, kernel_config_repository
+from .wkv_reference import DECAY_SCALE
 
 logger = logging.get_logger(__name__)
 

@@ -1,20 +1,4 @@
-"""The RWKV-7 WKV operator: the generalized delta rule with a per-channel decay.
-
-Per head, with the state ``S`` laid out ``[value, key]`` as in the official code:
-
-    S_t = S_{t-1} @ (diag(exp(log_decay_t)) + a_t b_t^T) + v_t k_t^T
-    y_t = S_t @ r_t
-
-RWKV-7 calls it with ``a = -kappa_hat`` and ``b = kappa_hat * iclr`` (see ``RWKV7Attention``).
-Every implementation in this package takes the same arguments:
-
-    r, log_decay, k, v, a, b: [batch, seq_len, num_heads, head_dim]
-    initial_state:            [batch, num_heads, head_dim (value), head_dim (key)], float32, or None (zeros)
-    reset:                    [batch, seq_len] bool, or None. True where a new document starts: the state
-                              is zeroed before that token is written (packed sequences).
-
-and returns ``(y [batch, seq_len, num_heads, head_dim] in r's dtype, final_state float32)``.
-The state and all accumulation are float32 whatever the input dtype.
+"""The WKV-7 layer and the choice of its implementation (the contract and the reference loop: `wkv_reference`).
 
 On CPU nothing about speed is assumed: the first eager call of each (batch x heads bucket, head_dim, dtype, grad or
 not) times the chunked form at every candidate chunk size and the per-token loop on small synthetic inputs (tens of
@@ -39,6 +23,7 @@ from transformers.utils import logging
 from .dispatch_rwkv7 import IMPLEMENTATIONS
 from .measured_rwkv7 import store_decision, stored_decision, timed_while_quiet
 from .wkv_chunked import DEFAULT_CHUNK_SIZE, wkv7_chunked
+from .wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 try:
     from kernels import use_kernel_forward_from_hub
@@ -49,60 +34,6 @@ except ImportError:  # without `kernels` the WKV layer is simply not kernelizabl
 
 
 logger = logging.get_logger(__name__)
-
-# RWKV-7's decay is exp(log_decay) with log_decay = -DECAY_SCALE * sigmoid(w): it lies in (0.5452, 1)
-DECAY_SCALE = math.exp(-0.5)
-
-
-def wkv7_recurrent(
-    r: torch.Tensor,
-    log_decay: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    reset: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference WKV-7: a plain loop over time, batched over batch and heads, float32 state."""
-    batch_size, seq_len, num_heads, head_dim = r.shape
-    output_dtype = r.dtype
-    if initial_state is None:
-        state = r.new_zeros(batch_size, num_heads, head_dim, head_dim, dtype=torch.float32)
-    else:
-        state = initial_state.float()
-    r, decay, k, v, a, b = (t.float() for t in (r, log_decay.exp(), k, v, a, b))
-    keep = None if reset is None else (~reset).to(torch.float32)
-    outputs = []
-    for t in range(seq_len):
-        if keep is not None:
-            state = state * keep[:, t, None, None, None]
-        state = wkv7_step(decay[:, t], k[:, t], v[:, t], a[:, t], b[:, t], state)
-        outputs.append(torch.linalg.vecdot(state, r[:, t, :, None, :]))
-    y = torch.stack(outputs, dim=1) if outputs else r.new_zeros(r.shape)
-    return y.to(output_dtype), state
-
-
-def wkv7_step(
-    decay: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor,
-) -> torch.Tensor:
-    """One token's state update: inputs ``[batch, num_heads, head_dim]`` float32 (``decay``, not its log), ``state``
-    ``[batch, num_heads, value, key]``. Returns the new state (not in place); the output is ``state @ r``."""
-    if torch.compiler.is_compiling():
-        # a matmul, which inductor does not fuse: a state that only fused loop nests read, in a loop of several
-        # tokens whose final state is written in place to the cache, crashes inductor's CPU code generation
-        # (KeyError 'bufN', pytorch/pytorch#196570). Eager, the reduction is the faster of the two.
-        state_a = (state @ a[..., None]).squeeze(-1)
-    else:
-        state_a = torch.linalg.vecdot(state, a[:, :, None, :])
-    new_state = state * decay[:, :, None, :]
-    return new_state.addcmul_(state_a[..., :, None], b[..., None, :]).addcmul_(v[..., :, None], k[..., None, :])
-
 
 # Until measured (and off CPU): the chunked form from this many tokens, in chunks of DEFAULT_CHUNK_SIZE.
 CHUNKED_MIN_SEQ_LEN = 32
@@ -182,7 +113,7 @@ def measure_wkv_choice(heads: int, head_dim: int, dtype: torch.dtype, with_grad:
     one's (flat over the first chunk, then a line through its two times). A measurement during which other
     processes kept a core busy half the time is taken again, once."""
     long = min(512, max(64, _MEASURED_WORK // (heads * (2 if with_grad else 1))))
-    inputs = _synthetic_inputs(heads, head_dim, long, dtype)
+    inputs = list(random_wkv_inputs(1, long, heads, head_dim, seed=0, dtype=dtype).values())[:6]  # no state
     runs = {f"loop {_LOOP_TOKENS}": _timed_call(wkv7_recurrent, inputs, _LOOP_TOKENS, with_grad)}
     for chunk_size in CHUNK_SIZES:
         for tokens in (chunk_size, long):
@@ -230,16 +161,6 @@ def _crossover(loop_per_token: float, one_chunk: float, per_token_after: float, 
     else:
         return sys.maxsize
     return max(2, math.floor(crossing) + 1)
-
-
-def _synthetic_inputs(heads: int, head_dim: int, seq_len: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """r, log_decay (float32), k, v, a, b ``[1, seq_len, heads, head_dim]`` at RWKV-7's scales, from a local
-    generator (the global RNG is left alone)."""
-    generator = torch.Generator().manual_seed(0)
-    r, k, v, kappa, iclr, decay = (torch.randn(1, seq_len, heads, head_dim, generator=generator) for _ in range(6))
-    kappa = nn.functional.normalize(kappa, dim=-1)
-    r, k, v, a, b = (x.to(dtype) for x in (r, k, v, -kappa, kappa * torch.sigmoid(iclr)))
-    return [r, -DECAY_SCALE * torch.sigmoid(decay), k, v, a, b]  # the model's log-decay
 
 
 def _timed_call(op, inputs, tokens: int, with_grad: bool):

@@ -1,6 +1,6 @@
 """Chunked WKV-7: the generalized delta rule of `wkv7_recurrent`, parallel inside chunks of tokens.
 
-Same arguments and results as `wkv7_recurrent` (see ``wkv.py``). Per head, with the state ``S`` laid out
+Same arguments and results as `wkv7_recurrent` (see ``wkv_reference.py``). Per head, with the state ``S`` laid out
 ``[value, key]``, ``u_t = S_{t-1} a_t`` and ``w_t = exp(log_decay_t)``:
 
     S_t = S_{t-1} diag(w_t) + u_t b_t^T + v_t k_t^T,        y_t = S_t r_t

@@ -89,37 +89,37 @@ THREADS = 2
 # --- the machine and its load ----------------------------------------------------------------------------------
 
 
+def _measured_module():
+    """`modeling_rwkv7.measured_rwkv7` (torch and the standard library only), loaded from its file so that a peer's
+    worker process does not import transformers with our package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "rwkv7_measured", os.path.join(REPO, "modeling_rwkv7", "measured_rwkv7.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+measured = _measured_module()
+
+
 def machine() -> dict:
-    """CPU model, family/model numbers, the ISA flags that matter for matmuls, threads, torch build."""
+    """`measured_rwkv7.machine()` (what the stored decisions are keyed by) with the CPU's family and model numbers,
+    the ISA flags that matter for matmuls only, the core count and torch's CPU capability."""
     import torch
 
-    info = {"cpu": "unknown", "family": None, "model": None, "flags": [], "cores": os.cpu_count(), "threads": THREADS}
+    info = {**measured.machine(), "family": None, "model": None, "cores": os.cpu_count()}
+    info["flags"] = [flag for flag in ISA_FLAGS if flag in info["flags"].split()]
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             fields = dict(line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        info.update(cpu=fields.get("model name"), family=fields.get("cpu family"), model=fields.get("model"))
-        info["flags"] = [flag for flag in ISA_FLAGS if flag in fields.get("flags", "").split()]
+        info.update(family=fields.get("cpu family", "").strip(), model=fields.get("model", "").strip())
     except OSError:
         pass
-    info["torch"] = torch.__version__
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds all processes have used since boot (/proc/stat, all but idle and iowait)."""
-    with open("/proc/stat") as stat:
-        ticks = [int(value) for value in stat.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def timed_run(fn) -> tuple[float, float]:
-    """(wall seconds of `fn()`, CPU seconds other processes used meanwhile)."""
-    busy, own, start = busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-    fn()
-    wall = time.perf_counter() - start
-    return wall, max((busy_cpu_seconds() - busy) - (sum(os.times()[:2]) - own), 0.0)
 
 
 def timed(fn, reps: int, load_limit: float, retries: int, warmup: int = 1) -> tuple[list[float], list[float]]:
@@ -130,7 +130,7 @@ def timed(fn, reps: int, load_limit: float, retries: int, warmup: int = 1) -> tu
     times, loads = [], []
     for _ in range(reps):
         for _attempt in range(retries + 1):
-            wall, other = timed_run(fn)
+            _, wall, other = measured.timed_call(fn)
             if other <= load_limit * wall:
                 break
         times.append(wall)

@@ -13,19 +13,10 @@ import time
 
 import torch
 
-from modeling_rwkv7.wkv import wkv7_recurrent
 from modeling_rwkv7.wkv_chunked import wkv7_chunked
+from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 NUM_HEADS, HEAD_DIM, SEQ_LEN = 12, 64, 512
-
-
-def random_inputs(batch_size: int, seed: int) -> list[torch.Tensor]:
-    """r, log_decay, k, v, a, b at RWKV-7's scales."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch_size, SEQ_LEN, NUM_HEADS, HEAD_DIM)
-    r, k, v, kappa, iclr, decay = (torch.randn(shape, generator=generator) for _ in range(6))
-    kappa = torch.nn.functional.normalize(kappa, dim=-1)
-    return [r, -0.6065 * torch.sigmoid(decay), k, v, -kappa, kappa * torch.sigmoid(iclr)]
 
 
 def measure(run, reps: int) -> tuple[float, float]:
@@ -80,7 +71,7 @@ def main():
     )
     print(f"{'op':<20} {'batch':>5} {'forward':>18} {'forward+backward':>20} {'speedup fwd / f+b':>19}")
     for batch_size in map(int, args.batch_sizes.split(",")):
-        inputs = random_inputs(batch_size, seed=batch_size)
+        inputs = list(random_wkv_inputs(batch_size, SEQ_LEN, NUM_HEADS, HEAD_DIM, seed=batch_size).values())[:6]
         reference = None
         for name, op in ops:
             fwd = measure(forward(op, inputs), args.reps)

@@ -6,7 +6,8 @@
 #   3. correctness against the reference recurrence and BlinkDL's official kernel     (<1 min)
 #   4. timing against the chunked PyTorch path, the official kernel and fla           (~2 min)
 # Every step runs even if an earlier one fails; the exit status is 1 if any failed. Results also go to
-# $OUT/gpu_check.json and $OUT/gpu_check.log when OUT is set. Extra arguments are passed to scripts/gpu_check.py.
+# $OUT/gpu_check.json and $OUT/gpu_check.log when OUT is set. Extra arguments are passed to the kernel's check,
+# kernels/rwkv7_wkv/benchmarks/gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
@@ -31,7 +32,7 @@ else
     for tool in memcheck racecheck synccheck initcheck; do
         started=$SECONDS
         if PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$SANITIZER" --tool "$tool" --error-exitcode 99 \
-            "$PYTHON" scripts/gpu_check.py --sanitize; then
+            "$PYTHON" kernels/rwkv7_wkv/benchmarks/gpu_check.py --sanitize; then
             echo "PASS  compute-sanitizer $tool ($((SECONDS - started)) s)"
         else
             echo "FAIL  compute-sanitizer $tool (status $?, $((SECONDS - started)) s)"
@@ -41,7 +42,7 @@ else
 fi
 
 echo "== 3-4. correctness and timing"
-timeout 300 "$PYTHON" scripts/gpu_check.py ${OUT:+--json "$OUT/gpu_check.json"} "$@" || failed+=("gpu_check.py")
+timeout 300 "$PYTHON" kernels/rwkv7_wkv/benchmarks/gpu_check.py ${OUT:+--json "$OUT/gpu_check.json"} "$@" || failed+=("gpu_check.py")
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"

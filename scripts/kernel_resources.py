@@ -1,6 +1,6 @@
 """Resource usage and SASS instruction mix of the WKV-7 CUDA kernels, without a GPU.
 
-Compiles kernels/rwkv7_wkv/csrc/wkv7_cuda.cu with nvcc for one architecture (sm_90 by default) and prints, per
+Compiles kernels/rwkv7_wkv/csrc/cuda/wkv7_cuda.cu with nvcc for one architecture (sm_90 by default) and prints, per
 kernel: registers, stack and spill (local) bytes from `cuobjdump --dump-resource-usage`, the dynamic shared memory
 the launcher asks for (from wkv7_core.h, via a host build), and for head size 64 the static SASS instruction counts
 by kind (global/shared loads and stores, barriers, FMAs) with the loops of the code: each loop's instruction count
@@ -141,7 +141,7 @@ def main():
                     f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
                     f"-I{CSRC}",
                     "-c",
-                    str(CSRC / "wkv7_cuda.cu"),
+                    str(CSRC / "cuda" / "wkv7_cuda.cu"),
                     "-o",
                     str(obj),
                 ]

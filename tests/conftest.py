@@ -1,12 +1,6 @@
-import os
-import sys
-
+import oracle  # (sets RWKV_V7_ON before anything imports `rwkv`; tests/ is on the path: the root conftest.py)
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-import oracle  # noqa: E402  (sets RWKV_V7_ON before anything imports `rwkv`)
 
 torch.set_num_threads(2)
 

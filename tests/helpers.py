@@ -20,6 +20,10 @@ __all__ = [
     "STATE_NAMES",
     "accelerate_launch",
     "VOCAB",
+    "WKV_INPUT_NAMES",
+    "assert_close",
+    "assert_states_close",
+    "assert_wkv_close",
     "decode",
     "default_path",
     "eager_model",
@@ -30,6 +34,7 @@ __all__ = [
     "relative_error",
     "state_errors",
     "trained_scale_",
+    "wkv_outputs_and_grads",
 ]
 
 VOCAB = 1000
@@ -87,25 +92,72 @@ def decode(step, tokens: torch.Tensor, cache) -> torch.Tensor:
     return torch.cat(logits, dim=1)
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max abs error over the largest expected magnitude (shapes must agree, values finite)."""
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, scale_floor: float = 1e-6) -> float:
+    """max |actual - expected| / max(max |expected|, scale_floor), in float64, after checking that the shapes agree
+    and that `actual` is finite. The one closeness measure of the tests (a floor of 1 for values of order one whose
+    expected maximum may be tiny or zero, such as gradients)."""
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all()
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    return ((actual.float() - expected.float()).abs().max() / scale).item()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    if expected.numel() == 0:
+        return 0.0
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(scale_floor)).item()
 
 
-def state_errors(actual: RWKV7Cache, expected: RWKV7Cache) -> dict:
-    """{(layer, name): relative error} for every state tensor, after checking shapes and dtypes."""
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "", scale_floor: float = 1e-6
+) -> None:
+    """`relative_error(actual, expected, scale_floor) <= tol`, naming `name` and the error when it is not."""
+    error = relative_error(actual, expected, scale_floor)
+    assert error <= tol, f"{name}: max abs error {error:.3g} of the largest expected magnitude > {tol:g}"
+
+
+WKV_INPUT_NAMES = ("r", "log_decay", "k", "v", "a", "b")  # the WKV operator's tensor inputs, in its order
+
+
+def wkv_outputs_and_grads(op, inputs: dict, initial_state=None, reset=None, **kwargs):
+    """y, the final state, and {name: gradient} of a fixed random projection of both with respect to each of the
+    WKV_INPUT_NAMES tensors of `inputs` (a `random_wkv_inputs` dict) and to `initial_state` where there is one."""
+    leaves = {name: inputs[name].detach().clone().requires_grad_() for name in WKV_INPUT_NAMES}
+    if initial_state is not None:
+        leaves["initial_state"] = initial_state.detach().clone().requires_grad_()
+    y, final_state = op(*(leaves[name] for name in WKV_INPUT_NAMES), leaves.get("initial_state"), reset, **kwargs)
+    generator = torch.Generator().manual_seed(7)
+    grad_y = torch.randn(y.shape, generator=generator).to(y.dtype)
+    grad_state = torch.randn(final_state.shape, generator=generator)
+    grads = torch.autograd.grad([y, final_state], list(leaves.values()), [grad_y, grad_state])
+    return y, final_state, dict(zip(leaves, grads))
+
+
+def assert_wkv_close(actual, expected, tol: float) -> None:
+    """Two `wkv_outputs_and_grads` results agree within `tol` (values of order one: a scale floor of 1)."""
+    assert_close(actual[0], expected[0], tol, "y", scale_floor=1.0)
+    assert_close(actual[1], expected[1], tol, "final state", scale_floor=1.0)
+    assert actual[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        assert_close(actual[2][name], expected[2][name], tol, f"grad of {name}", scale_floor=1.0)
+
+
+def state_errors(actual: RWKV7Cache, expected: RWKV7Cache, scale_floor: float = 1e-6, same_dtype: bool = True) -> dict:
+    """{(layer, name): `relative_error`} for every state tensor, after checking the shapes (and, `same_dtype`, the
+    dtypes: a cache of another dtype is compared in float64 too)."""
     assert len(actual.layers) == len(expected.layers)
     errors = {}
     for layer_idx, (actual_layer, expected_layer) in enumerate(zip(actual.layers, expected.layers)):
         for name in STATE_NAMES:
             a, e = getattr(actual_layer, name), getattr(expected_layer, name)
             what = f"layer {layer_idx} {name}: {tuple(a.shape)} {a.dtype} vs {tuple(e.shape)} {e.dtype}"
-            assert a.shape == e.shape and a.dtype == e.dtype, what
-            errors[layer_idx, name] = relative_error(a, e)
+            assert a.shape == e.shape and (a.dtype == e.dtype or not same_dtype), what
+            errors[layer_idx, name] = relative_error(a, e, scale_floor)
     return errors
+
+
+def assert_states_close(actual: RWKV7Cache, expected: RWKV7Cache, tol: float, scale_floor: float = 1e-6) -> None:
+    """Every state tensor within `tol` (`state_errors`), and the same number of tokens seen."""
+    errors = state_errors(actual, expected, scale_floor)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tol, f"state {worst}: relative error {errors[worst]:.3g} > {tol:g}"
+    assert int(actual.seen_tokens) == int(expected.seen_tokens), (actual.seen_tokens, expected.seen_tokens)
 
 
 # --- a fresh non-editable install, seen with only the dependencies one README extra installs ----------------------

@@ -5,7 +5,7 @@ chunks and rows joining and leaving mid-run."""
 
 import pytest
 import torch
-from helpers import VOCAB, random_model
+from helpers import VOCAB, assert_close, random_model
 from transformers import ContinuousBatchingConfig
 
 from modeling_rwkv7 import RWKV7Cache
@@ -17,10 +17,11 @@ def prompt(length: int, seed: int) -> list[int]:
 
 
 def states_close(actual: RWKV7Cache, actual_row: int, expected: RWKV7Cache, expected_row: int = 0, tol=1e-5):
-    for actual_layer, expected_layer in zip(actual.layers, expected.layers):
+    """Row `actual_row` of `actual`'s states against row `expected_row` of `expected`'s (`assert_close`)."""
+    for layer_idx, (actual_layer, expected_layer) in enumerate(zip(actual.layers, expected.layers)):
         for name, tensor in expected_layer.tensors().items():
             found, wanted = getattr(actual_layer, name)[actual_row], tensor[expected_row]
-            assert (found - wanted).abs().max() <= tol * max(wanted.abs().max(), 1.0), name
+            assert_close(found, wanted, tol, f"layer {layer_idx} {name}", scale_floor=1.0)
 
 
 @pytest.fixture(scope="module")

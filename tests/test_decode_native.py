@@ -23,7 +23,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model, dispatch_rwkv7
-from modeling_rwkv7.cache_rwkv7 import RWKV7Cache
 from modeling_rwkv7.decode_rwkv7 import native_decode_step
 from modeling_rwkv7.linear_rwkv7 import RWKV7Linear
 from modeling_rwkv7.state_tuning import RWKV7StateTuning
@@ -88,19 +87,11 @@ def test_bfloat16_native_step_is_no_further_from_the_float32_truth_than_eager_bf
     assert native_error <= 3e-2, native_error  # measured 1.5e-2 (eager: larger): the products' rounded inputs
     # the states: the native step's (its shift states in the model's dtype, like eager's) vs eager bfloat16's
     state_errors(native_cache, eager_cache)  # shapes and dtypes
-    native_states, eager_states = _errors_vs(native_cache, truth_cache), _errors_vs(eager_cache, truth_cache)
+    native_states = state_errors(native_cache, truth_cache, same_dtype=False)
+    eager_states = state_errors(eager_cache, truth_cache, same_dtype=False)
     for key, error in native_states.items():
         assert error <= min(eager_states[key], 1e-2), (key, error, eager_states[key])  # measured 1.5e-3 .. 4.5e-3
     assert int(native_cache.seen_tokens) == int(truth_cache.seen_tokens) == 32
-
-
-def _errors_vs(actual: RWKV7Cache, truth: RWKV7Cache) -> dict:
-    """State errors against a float32 truth cache (dtypes may differ: the values are compared in float32)."""
-    return {
-        (layer_idx, name): relative_error(getattr(a, name).float(), getattr(e, name))
-        for layer_idx, (a, e) in enumerate(zip(actual.layers, truth.layers))
-        for name in STATE_NAMES
-    }
 
 
 def test_int8_native_step_computes_the_dequantized_weights(counting):

@@ -14,11 +14,8 @@
   refused before anything is fetched, and a plain `from_pretrained` kernelizes nothing and logs nothing.
 """
 
-import importlib.util
 import logging
-import re
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -26,13 +23,15 @@ from pathlib import Path
 import oracle
 import pytest
 import torch
+from helpers import relative_error
 from transformers import KernelConfig
 
 import kernels
 from modeling_rwkv7 import RWKV7ForCausalLM, wkv_kernel
 from modeling_rwkv7 import wkv as wkv_module
 from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
-from modeling_rwkv7.wkv import select_wkv_backend, wkv7_recurrent
+from modeling_rwkv7.wkv import select_wkv_backend
+from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
@@ -47,16 +46,6 @@ FETCH_FUNCTIONS = (
     "has_kernel",
     "get_kernel_variants",
 )
-
-
-@pytest.fixture(scope="module")
-def cpu_variant() -> Path:
-    """The CPU build's directory (built, or found up to date, by scripts/build_kernel.py)."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_kernel.py")], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return KERNEL_DIR / "build" / re.search(r"rwkv7_wkv/build/(torch\S+-cpu-\S+?)[:\s]", result.stdout).group(1)
 
 
 @pytest.fixture
@@ -87,19 +76,6 @@ def tokens(seed: int, batch: int = 2, seq_len: int = 37) -> torch.Tensor:
     return torch.randint(0, 300, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
-def gpu_check_random_inputs(*args, **kwargs):
-    """scripts/gpu_check.py's WKV inputs at RWKV-7's scale (the ones tests/test_kernel.py draws)."""
-    spec = importlib.util.spec_from_file_location("rwkv7_gpu_check", REPO / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.random_inputs(*args, **kwargs)
-
-
 def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == wkv_kernel.__name__ and r.levelno == logging.WARNING]
 
@@ -123,7 +99,7 @@ def test_a_checkpoint_naming_a_kernel_repo_runs_without_fetching(clean_loader, m
         )
         logits = model(ids).logits
         expected = random_model(1, wkv_backend="recurrent")(ids).logits
-    assert max_relative_error(logits, expected) < 1e-4
+    assert relative_error(logits, expected) < 1e-4
     (message,) = warnings_of(caplog)
     assert "no kernel source chosen" in message and f"kernel_repo {CHECKPOINT_REPO!r} is not fetched" in message
     assert "trust_hub_kernel(repo_id, revision)" in message and wkv_kernel.HUB_KERNEL_ENV in message
@@ -145,10 +121,10 @@ def test_the_default_config_names_no_repo_and_old_configs_still_load(tmp_path):
 
 
 @pytest.fixture
-def fake_download(clean_loader, monkeypatch, cpu_variant):
+def fake_download(clean_loader, monkeypatch, kernel_variant):
     """kernels.install_kernel patched to record its arguments and return a variant directory (the CPU build unless
     the test sets `served`); CUDA reported available."""
-    calls, served = [], {"variant": cpu_variant}
+    calls, served = [], {"variant": kernel_variant}
 
     def install_kernel(repo_id, **kwargs):
         calls.append((repo_id, kwargs))
@@ -174,7 +150,7 @@ def test_opt_in_fetches_the_pinned_commit(fake_download, monkeypatch, caplog, op
     with torch.no_grad(), caplog.at_level(logging.WARNING):
         logits = model(ids).logits  # every layer through the "downloaded" kernel
         expected = random_model(4, wkv_backend="recurrent")(ids).logits
-    assert max_relative_error(logits, expected) < 1e-4
+    assert relative_error(logits, expected) < 1e-4
     assert calls == [
         (
             TRUSTED_REPO,
@@ -232,7 +208,7 @@ def forbid_the_eager_wkv(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_kernelize_swaps_in_the_kernel_layer(clean_loader, monkeypatch, cpu_variant, mode):
+def test_kernelize_swaps_in_the_kernel_layer(clean_loader, monkeypatch, kernel_variant, mode):
     model = random_model(6, wkv_backend="recurrent").train(mode == "TRAINING")
     reference = random_model(6, wkv_backend="recurrent").train(mode == "TRAINING")
     ids = tokens(7, seq_len=29)
@@ -245,12 +221,12 @@ def test_kernelize_swaps_in_the_kernel_layer(clean_loader, monkeypatch, cpu_vari
     logits = model(ids).logits
     monkeypatch.undo()
     expected = reference(ids).logits
-    assert max_relative_error(logits, expected) < 1e-4
+    assert relative_error(logits, expected) < 1e-4
     if mode == "TRAINING":  # the kernel's backward op
         logits.square().mean().backward()
         expected.square().mean().backward()
         for (name, param), reference_param in zip(model.named_parameters(), reference.parameters()):
-            assert max_relative_error(param.grad, reference_param.grad) < 1e-3, name
+            assert relative_error(param.grad, reference_param.grad) < 1e-3, name
 
 
 def fla_stand_in() -> types.ModuleType:
@@ -292,10 +268,10 @@ def test_the_fla_mapping_converts_layouts(clean_loader, monkeypatch):
     assert fetched == [wkv_kernel.HubKernel("kernels-community/fla", COMMIT)]
     forbid_the_eager_wkv(monkeypatch)
     with torch.no_grad():
-        assert max_relative_error(model(ids).logits, expected_logits) < 1e-4
+        assert relative_error(model(ids).logits, expected_logits) < 1e-4
         cache = model.init_cache(batch_size=2)
         model(ids[:, :13], cache=cache)
-        assert max_relative_error(model(ids[:, 13:], cache=cache).logits, expected_continuation) < 1e-4
+        assert relative_error(model(ids[:, 13:], cache=cache).logits, expected_continuation) < 1e-4
 
         x = torch.randn(1, 4, 2, 64)
         with pytest.raises(ValueError, match="fla's chunk_rwkv7 takes no reset mask"):
@@ -308,14 +284,14 @@ def test_the_fla_mapping_converts_layouts(clean_loader, monkeypatch):
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
 @pytest.mark.compile
-def test_the_kernel_layer_compiles_as_one_graph(clean_loader, cpu_variant):
+def test_the_kernel_layer_compiles_as_one_graph(clean_loader, kernel_variant):
     """Mode.TORCH_COMPILE is accepted (`can_torch_compile`): the kernelized layer traces whole, backward included."""
     model = random_model(10, wkv_backend="recurrent")
     mapping = {"RWKV7WKV": {"cpu": kernels.LocalLayerRepository(KERNEL_DIR, layer_name="RWKV7WKV")}}
     with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
         kernels.kernelize(model, mode=kernels.Mode.TRAINING | kernels.Mode.TORCH_COMPILE, device="cpu")
     layer = model.model.layers[0].attn.wkv
-    *inputs, state, reset = gpu_check_random_inputs(2, 20, 2, 64, torch.float32, "cpu", seed=11, reset_rate=0.2)
+    *inputs, state, reset = random_wkv_inputs(2, 20, 2, 64, seed=11, reset_rate=0.2).values()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     gradients = []
     for fn in (compiled, wkv7_recurrent):
@@ -324,7 +300,7 @@ def test_the_kernel_layer_compiles_as_one_graph(clean_loader, cpu_variant):
         (y.square().sum() + final_state.sum()).backward()
         gradients.append([y.detach(), final_state.detach()] + [x.grad for x in leaves])
     for actual, expected in zip(*gradients):
-        assert max_relative_error(actual, expected) < 1e-4
+        assert relative_error(actual, expected) < 1e-4
 
 
 # --- transformers' own route: from_pretrained(..., use_kernels=True, kernel_config=KernelConfig(...)) -------------
@@ -346,7 +322,9 @@ def runs_the_kernel_layer(model, layer) -> bool:
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_from_pretrained_with_a_local_kernel_config(clean_loader, monkeypatch, cpu_variant, saved_model, per_device):
+def test_from_pretrained_with_a_local_kernel_config(
+    clean_loader, monkeypatch, kernel_variant, saved_model, per_device
+):
     source = f"{KERNEL_DIR}:RWKV7WKV"
     kernel_config = KernelConfig({"RWKV7WKV": {"cpu": source} if per_device else source}, use_local_kernel=True)
     model = RWKV7ForCausalLM.from_pretrained(saved_model, use_kernels=True, kernel_config=kernel_config)
@@ -362,19 +340,19 @@ def test_from_pretrained_with_a_local_kernel_config(clean_loader, monkeypatch, c
     train_logits = model(ids).logits
     monkeypatch.undo()
     with torch.no_grad():
-        assert max_relative_error(logits, reference(ids).logits) < 1e-4
+        assert relative_error(logits, reference(ids).logits) < 1e-4
     expected = reference.train()(ids).logits
-    assert max_relative_error(train_logits, expected) < 1e-4
+    assert relative_error(train_logits, expected) < 1e-4
     train_logits.square().mean().backward()
     expected.square().mean().backward()
     for (name, param), reference_param in zip(model.named_parameters(), reference.parameters()):
-        assert max_relative_error(param.grad, reference_param.grad) < 1e-3, name
+        assert relative_error(param.grad, reference_param.grad) < 1e-3, name
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_from_pretrained_with_a_pinned_hub_kernel_config(clean_loader, monkeypatch, cpu_variant, saved_model):
+def test_from_pretrained_with_a_pinned_hub_kernel_config(clean_loader, monkeypatch, kernel_variant, saved_model):
     """The mapping carries the commit to `kernels` (whose fetch is patched to hand over this machine's build)."""
     requests = []
 
@@ -390,7 +368,7 @@ def test_from_pretrained_with_a_pinned_hub_kernel_config(clean_loader, monkeypat
     assert runs_the_kernel_layer(model, kernels.get_local_kernel(KERNEL_DIR, backend="cpu").layers.RWKV7WKV)
     ids = tokens(14, seq_len=23)
     with torch.no_grad():
-        assert max_relative_error(model(ids).logits, random_model(12, wkv_backend="recurrent")(ids).logits) < 1e-4
+        assert relative_error(model(ids).logits, random_model(12, wkv_backend="recurrent")(ids).logits) < 1e-4
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import os
 import oracle
 import pytest
 import torch
+from helpers import assert_close
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_rwkv7 import (
@@ -31,14 +32,6 @@ def random_tokens(length: int, seed: int, vocab_size: int = 1000) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float):
-    """max |actual - expected| <= tol * max(1, max |expected|)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(1.0, expected.abs().max().item())
-    error = (actual - expected).abs().max().item()
-    assert error <= tol * scale, f"max abs error {error:.3g} > {tol:g} x {scale:.3g}"
-
-
 # --- parity with the official `rwkv` package -------------------------------------------------------------------
 
 
@@ -57,9 +50,9 @@ def test_logits_and_state_match_official_package(official_checkpoint, converted_
     for i, layer in enumerate(out.cache.layers):
         # the official state is [heads, value, key], as ours
         assert layer.recurrent_state.dtype == torch.float32
-        assert_close_scaled(layer.recurrent_state[0], expected_state[3 * i + 1], 1e-5)
-        assert_close_scaled(layer.attn_shift_state[0], expected_state[3 * i + 0], 1e-5)
-        assert_close_scaled(layer.ffn_shift_state[0], expected_state[3 * i + 2], 1e-5)
+        assert_close(layer.recurrent_state[0], expected_state[3 * i + 1], 1e-5, scale_floor=1.0)
+        assert_close(layer.attn_shift_state[0], expected_state[3 * i + 0], 1e-5, scale_floor=1.0)
+        assert_close(layer.ffn_shift_state[0], expected_state[3 * i + 2], 1e-5, scale_floor=1.0)
 
 
 def test_official_checkpoint_from_other_sizes_matches():

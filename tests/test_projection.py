@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, linear_rwkv7
 from modeling_rwkv7.linear_rwkv7 import CANDIDATES, GEMV_MAX_ROWS, RWKV7Linear
@@ -40,13 +41,6 @@ def random_projection(in_features, out_features, bias, seed, dtype=torch.float32
     return projection.to(dtype)
 
 
-def assert_close_relative(actual, expected, tol):
-    """max |actual - expected| <= tol * max |expected|, same shape."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    error, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
-    assert error <= tol * scale, f"max abs error {error:.3g} > {tol:g} x {scale:.3g}"
-
-
 @functools.cache
 def preset_projection_and_reference(in_features, out_features):
     """A random projection with a bias, inputs of batch 1..16 and F.linear's outputs with and without the bias
@@ -75,7 +69,7 @@ def test_every_product_equals_f_linear_for_every_preset_shape(forced_product, pr
             for x, expected_output in zip(inputs, expected[with_bias]):
                 output = projection(x)
                 assert output.shape == (x.shape[0], 1, out_features)
-                assert_close_relative(output, expected_output, 1e-5)
+                assert_close(output, expected_output, 1e-5)
     projection.bias = bias
     decisions = {choice.product for choice in linear_rwkv7.few_row_choices.values()}
     assert decisions == {product}  # the forced decision was read, nothing was measured instead
@@ -95,13 +89,13 @@ def test_values_and_gradients_equal_nn_linear(forced_product, product, out_featu
     output = projection(inputs)
     expected = F.linear(inputs, projection.weight, projection.bias)
     assert output.shape == (*shape, out_features)
-    assert_close_relative(output, expected, 1e-5)
+    assert_close(output, expected, 1e-5)
 
     grad_output = torch.randn(output.shape, generator=generator)
     grads = torch.autograd.grad(output, (inputs, projection.weight), grad_output)
     expected_grads = torch.autograd.grad(expected, (inputs, projection.weight), grad_output)
     for grad, expected_grad in zip(grads, expected_grads):
-        assert_close_relative(grad, expected_grad, 1e-5)
+        assert_close(grad, expected_grad, 1e-5)
 
 
 @pytest.mark.parametrize("product", DENSE)
@@ -129,7 +123,7 @@ def test_a_lora_adapter_on_top_equals_the_merged_weight(forced_product, product)
         merged = peft_model.merge_and_unload()
         expected = F.linear(torch.relu(F.linear(inputs, merged.key.weight)), merged.value.weight, merged.value.bias)
         unadapted = F.linear(torch.relu(F.linear(inputs, Block().key.weight)), Block().value.weight, merged.value.bias)
-    assert_close_relative(adapted, expected, 1e-5)
+    assert_close(adapted, expected, 1e-5)
     assert (adapted - unadapted).abs().max() > 1e-3  # the adapter is really in the computation
 
 
@@ -154,7 +148,7 @@ def test_a_corrupted_decision_changes_nothing_but_speed(forced_product):
     reference, *others = runs.values()
     for other in others:
         for actual, expected in zip(other, reference):
-            assert_close_relative(actual, expected, 1e-5)
+            assert_close(actual, expected, 1e-5)
 
 
 def projection_shapes_of(model) -> list[tuple[int, int]]:
@@ -179,7 +173,7 @@ def test_the_measured_decision_is_a_candidate_and_is_kept(monkeypatch):
         second = projection(inputs)
     assert linear_rwkv7.few_row_choices[key] is choice
     torch.testing.assert_close(second, first, rtol=0, atol=0)
-    assert_close_relative(first, F.linear(inputs, projection.weight, projection.bias), 1e-5)
+    assert_close(first, F.linear(inputs, projection.weight, projection.bias), 1e-5)
 
 
 def test_weights_that_are_tensor_subclasses_take_f_linear(forced_product):
@@ -201,7 +195,7 @@ def test_weights_that_are_tensor_subclasses_take_f_linear(forced_product):
     with torch.no_grad():
         output = projection(inputs)
     assert "linear" in seen and "view" not in seen and "bmm" not in seen
-    assert_close_relative(output.as_subclass(torch.Tensor), F.linear(inputs, plain_weight), 1e-6)
+    assert_close(output.as_subclass(torch.Tensor), F.linear(inputs, plain_weight), 1e-6)
 
 
 @pytest.mark.compile
@@ -213,7 +207,7 @@ def test_compiled_projection_reads_the_decision(forced_product):
     inputs = torch.randn(1, 1, 128)
     compiled = torch.compile(projection, fullgraph=True, backend="eager")
     with torch.no_grad():
-        assert_close_relative(compiled(inputs), F.linear(inputs, projection.weight, projection.bias), 1e-5)
+        assert_close(compiled(inputs), F.linear(inputs, projection.weight, projection.bias), 1e-5)
     assert len(linear_rwkv7.few_row_choices) == 10  # no new decision was measured while tracing
 
 
@@ -240,11 +234,11 @@ def test_a_traced_graph_reads_the_compiled_decision_and_eager_calls_the_eager_on
     expected = F.linear(inputs, projection.weight, projection.bias)
     with torch.no_grad():
         assert bmm_count_of_traced_graph(projection, inputs) == 1
-        assert_close_relative(projection(inputs), expected, 1e-5)
+        assert_close(projection(inputs), expected, 1e-5)
     forced_product("row_blocks", [(128, 256)], compiled_name="linear")
     with torch.no_grad():
         assert bmm_count_of_traced_graph(projection, inputs) == 0
-        assert_close_relative(torch.compile(projection, fullgraph=True)(inputs), expected, 1e-5)
+        assert_close(torch.compile(projection, fullgraph=True)(inputs), expected, 1e-5)
 
 
 @pytest.mark.compile
@@ -268,4 +262,4 @@ def test_compiled_decisions_are_measured_only_when_asked(monkeypatch):
     compiled = linear_rwkv7.few_row_choices[(96, 64, torch.float32, 1, True)]
     assert compiled.product in DENSE and set(compiled.seconds) == set(DENSE)
     assert all(0 < s < 1 for s in compiled.seconds.values())
-    assert_close_relative(output, F.linear(inputs, projection.weight), 1e-5)
+    assert_close(output, F.linear(inputs, projection.weight), 1e-5)

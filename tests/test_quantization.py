@@ -7,15 +7,11 @@ import oracle
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import relative_error
 
 from modeling_rwkv7 import RWKV7ForCausalLM, linear_rwkv7
 from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
 from modeling_rwkv7.linear_rwkv7 import CANDIDATES, RWKV7Linear
-
-
-def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
 def rms_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -111,9 +107,9 @@ def test_int8_model_computes_its_dequantized_weights_and_stays_near_float32(int8
         decoded = torch.cat([quantized(tokens[:, t : t + 1], cache=cache).logits for t in range(24)], dim=1)
         original = model(tokens).logits
     assert prefill.shape == decoded.shape == (2, 24, 1000)
-    assert max_relative_error(prefill, expected) < 1e-5
-    assert max_relative_error(decoded, expected) < 1e-5
-    int8_error = max_relative_error(prefill, original)
+    assert relative_error(prefill, expected) < 1e-5
+    assert relative_error(decoded, expected) < 1e-5
+    int8_error = relative_error(prefill, original)
     assert 1e-4 < int8_error < 0.05  # really quantized, and only by rounding to 255 levels per row
 
 
@@ -149,7 +145,7 @@ def test_every_int8_product_computes_the_dequantized_weight(forced_product, prod
             output = projection.to(dtype)(inputs)
             expected = F.linear(inputs.float(), dequantized, projection.bias.float())
             assert output.shape == (rows, 1, out_features) and output.dtype == dtype
-            assert max_relative_error(output, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+            assert relative_error(output, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
     decisions = {choice.product for choice in linear_rwkv7.few_row_choices.values()}
     assert decisions == {product}  # the forced decision was read, nothing was measured instead
 
@@ -166,7 +162,7 @@ def test_compiled_int8_products_compute_the_dequantized_weight(forced_product, p
         for rows in (1, 3):
             inputs = torch.randn(rows, 1, 256, generator=generator)
             expected = F.linear(inputs, projection.weight.dequantize().float(), projection.bias)
-            assert max_relative_error(compiled(inputs), expected) < 1e-5
+            assert relative_error(compiled(inputs), expected) < 1e-5
 
 
 def test_an_int8_decision_is_measured_under_inference_mode(monkeypatch):
@@ -183,4 +179,4 @@ def test_an_int8_decision_is_measured_under_inference_mode(monkeypatch):
     assert key == (96, 64, torch.int8, 1, False)
     assert set(choice.seconds) == set(CANDIDATES["int8_rows"]) and all(0 < s < 1 for s in choice.seconds.values())
     expected = F.linear(inputs, projection.weight.dequantize().float(), projection.bias)
-    assert max_relative_error(output, expected) < 1e-5
+    assert relative_error(output, expected) < 1e-5

@@ -2,62 +2,17 @@
 
 import pytest
 import torch
+from helpers import WKV_INPUT_NAMES as INPUT_NAMES
+from helpers import assert_close, assert_wkv_close, wkv_outputs_and_grads
 
-from modeling_rwkv7.wkv import wkv7_recurrent
 from modeling_rwkv7.wkv_chunked import wkv7_chunked
-
-INPUT_NAMES = ("r", "log_decay", "k", "v", "a", "b")
-
-
-def random_inputs(batch_size, seq_len, num_heads, head_dim, seed, dtype=torch.float32, log_decay_scale=0.6065):
-    """Inputs shaped like RWKV-7's: log-decay in (-log_decay_scale, 0), a = -kappa, b = kappa * iclr."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn():
-        return torch.randn(batch_size, seq_len, num_heads, head_dim, generator=generator)
-
-    log_decay = -log_decay_scale * torch.sigmoid(randn())
-    kappa = torch.nn.functional.normalize(randn(), dim=-1)
-    r, k, v = randn(), randn(), randn()
-    a, b = -kappa, kappa * torch.sigmoid(randn())
-    return dict(r=r.to(dtype), log_decay=log_decay, k=k.to(dtype), v=v.to(dtype), a=a.to(dtype), b=b.to(dtype))
-
-
-def random_state(batch_size, num_heads, head_dim, seed):
-    return torch.randn(batch_size, num_heads, head_dim, head_dim, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_close_scaled(actual, expected, tol, name):
-    """max |actual - expected| <= tol * max(1, max |expected|), same shape and dtype. (The floor of 1 is for
-    gradients that are exactly zero, e.g. of log_decay with one token and no state; inputs are O(1).)"""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    scale = max(1.0, expected.double().abs().max().item())
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= tol * scale, f"{name}: max abs error {error:.3g} > {tol:g} x {scale:.3g}"
-
-
-def outputs_and_grads(op, inputs, initial_state, reset, **kwargs):
-    """y, final state and the gradients of a random projection of both w.r.t. every input (and the state)."""
-    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
-    if initial_state is not None:
-        leaves["initial_state"] = initial_state.detach().clone().requires_grad_()
-    y, final_state = op(*(leaves[name] for name in INPUT_NAMES), leaves.get("initial_state"), reset, **kwargs)
-    generator = torch.Generator().manual_seed(7)
-    grad_y = torch.randn(y.shape, generator=generator).to(y.dtype)
-    grad_state = torch.randn(final_state.shape, generator=generator)
-    grads = torch.autograd.grad([y, final_state], list(leaves.values()), [grad_y, grad_state])
-    return y, final_state, dict(zip(leaves, grads))
+from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 
 def assert_matches_reference(inputs, initial_state=None, reset=None, chunk_size=16, tol=1e-4):
-    expected = outputs_and_grads(wkv7_recurrent, inputs, initial_state, reset)
-    actual = outputs_and_grads(wkv7_chunked, inputs, initial_state, reset, chunk_size=chunk_size)
-    assert_close_scaled(actual[0], expected[0], tol, "y")
-    assert_close_scaled(actual[1], expected[1], tol, "final state")
-    assert actual[2].keys() == expected[2].keys()
-    for name in expected[2]:
-        assert_close_scaled(actual[2][name], expected[2][name], tol, f"grad of {name}")
+    expected = wkv_outputs_and_grads(wkv7_recurrent, inputs, initial_state, reset)
+    actual = wkv_outputs_and_grads(wkv7_chunked, inputs, initial_state, reset, chunk_size=chunk_size)
+    assert_wkv_close(actual, expected, tol)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
@@ -65,15 +20,14 @@ def assert_matches_reference(inputs, initial_state=None, reset=None, chunk_size=
 @pytest.mark.parametrize("with_state", [False, True])
 def test_matches_reference(chunk_size, seq_len, with_state):
     seed = 1000 * chunk_size + 10 * seq_len + with_state
-    inputs = random_inputs(2, seq_len, 2, 16, seed)
-    initial_state = random_state(2, 2, 16, seed + 1) if with_state else None
-    assert_matches_reference(inputs, initial_state, chunk_size=chunk_size)
+    inputs = random_wkv_inputs(2, seq_len, 2, 16, seed)
+    assert_matches_reference(inputs, inputs["initial_state"] if with_state else None, chunk_size=chunk_size)
 
 
 def test_matches_reference_at_full_head_size():
     """The 0.1B shape's head size (64), several chunks and a ragged last one."""
-    inputs = random_inputs(1, 80, 2, 64, seed=5)
-    assert_matches_reference(inputs, random_state(1, 2, 64, seed=6))
+    inputs = random_wkv_inputs(1, 80, 2, 64, seed=5)
+    assert_matches_reference(inputs, inputs["initial_state"])
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
@@ -84,22 +38,22 @@ def test_reset_matches_reference(chunk_size):
     reset[0, [0, 16, 32, 64]] = True  # at 0 and on chunk boundaries
     reset[1, [5, 21, 40, 41, 99]] = True  # inside chunks, two in a row, the last token
     reset[2, torch.randperm(seq_len, generator=torch.Generator().manual_seed(chunk_size))[:12]] = True
-    inputs = random_inputs(3, seq_len, 2, 16, seed=chunk_size)
-    assert_matches_reference(inputs, random_state(3, 2, 16, seed=chunk_size + 1), reset, chunk_size=chunk_size)
+    inputs = random_wkv_inputs(3, seq_len, 2, 16, seed=chunk_size)
+    assert_matches_reference(inputs, inputs["initial_state"], reset, chunk_size=chunk_size)
 
 
 def test_reset_starts_a_fresh_document():
     """A packed sequence with a reset computes, after the reset, exactly what the second document alone computes
     from a zero state, and the state carried in before the reset has no gradient."""
-    first, second = random_inputs(1, 23, 2, 16, seed=11), random_inputs(1, 30, 2, 16, seed=12)
+    first, second = random_wkv_inputs(1, 23, 2, 16, seed=11), random_wkv_inputs(1, 30, 2, 16, seed=12)
     packed = {name: torch.cat([first[name], second[name]], 1) for name in INPUT_NAMES}
     reset = torch.zeros(1, 53, dtype=torch.bool)
     reset[0, 23] = True
-    initial_state = random_state(1, 2, 16, seed=13).requires_grad_()
+    initial_state = first["initial_state"].requires_grad_()
     y_packed, state_packed = wkv7_chunked(*(packed[name] for name in INPUT_NAMES), initial_state, reset)
     y_alone, state_alone = wkv7_chunked(*(second[name] for name in INPUT_NAMES))
-    assert_close_scaled(y_packed[:, 23:], y_alone, 1e-5, "y after the reset")
-    assert_close_scaled(state_packed, state_alone, 1e-5, "final state")
+    assert_close(y_packed[:, 23:], y_alone, 1e-5, "y after the reset", scale_floor=1.0)
+    assert_close(state_packed, state_alone, 1e-5, "final state", scale_floor=1.0)
     (grad_state,) = torch.autograd.grad((y_packed[:, 23:] ** 2).sum() + state_packed.sum(), initial_state)
     assert torch.count_nonzero(grad_state) == 0
 
@@ -107,35 +61,35 @@ def test_reset_starts_a_fresh_document():
 def test_bfloat16_inputs():
     """bf16 r, k, v, a, b (float32 log-decay): y comes back in bf16 within bf16 rounding of the reference, the
     state and the accumulation stay float32, and each gradient has its input's dtype."""
-    inputs = random_inputs(2, 50, 2, 16, seed=21, dtype=torch.bfloat16)
-    initial_state = random_state(2, 2, 16, seed=22)
-    expected = outputs_and_grads(wkv7_recurrent, inputs, initial_state, None)
-    actual = outputs_and_grads(wkv7_chunked, inputs, initial_state, None, chunk_size=16)
+    inputs = random_wkv_inputs(2, 50, 2, 16, seed=21, dtype=torch.bfloat16)
+    initial_state = inputs["initial_state"]
+    expected = wkv_outputs_and_grads(wkv7_recurrent, inputs, initial_state, None)
+    actual = wkv_outputs_and_grads(wkv7_chunked, inputs, initial_state, None, chunk_size=16)
     assert actual[0].dtype == torch.bfloat16 and actual[1].dtype == torch.float32
-    assert_close_scaled(actual[0], expected[0], 2e-2, "y")
-    assert_close_scaled(actual[1], expected[1], 1e-4, "final state")
+    assert_close(actual[0], expected[0], 2e-2, "y", scale_floor=1.0)
+    assert_close(actual[1], expected[1], 1e-4, "final state", scale_floor=1.0)
     for name in expected[2]:
         assert actual[2][name].dtype == (inputs[name].dtype if name in inputs else torch.float32), name
-        assert_close_scaled(actual[2][name], expected[2][name], 2e-2, f"grad of {name}")
+        assert_close(actual[2][name], expected[2][name], 2e-2, f"grad of {name}", scale_floor=1.0)
 
 
 @pytest.mark.parametrize("low", [-5.0, -40.0])
 def test_strong_decay(low):
     """Log-decays far below RWKV-7's range (-0.61), down to -inf, stay finite and match, at the largest chunk."""
-    inputs = random_inputs(2, 100, 2, 16, seed=31)
+    inputs = random_wkv_inputs(2, 100, 2, 16, seed=31)
     inputs["log_decay"] = low * torch.rand(inputs["log_decay"].shape, generator=torch.Generator().manual_seed(32))
     inputs["log_decay"][:, ::7, 0] = -float("inf")
-    assert_matches_reference(inputs, random_state(2, 2, 16, seed=33), chunk_size=64)
+    assert_matches_reference(inputs, inputs["initial_state"], chunk_size=64)
     # a decay of exactly 0 has no gradient through its log, as in the reference
-    _, _, grads = outputs_and_grads(wkv7_chunked, inputs, random_state(2, 2, 16, seed=33), None, chunk_size=64)
+    _, _, grads = wkv_outputs_and_grads(wkv7_chunked, inputs, inputs["initial_state"], None, chunk_size=64)
     assert torch.count_nonzero(grads["log_decay"][:, ::7, 0]) == 0
 
 
 def test_gradcheck_float64():
     """Numerical gradients in float64: several chunks of 4, a ragged last one, a reset and an initial state."""
-    inputs = random_inputs(1, 10, 2, 3, seed=41)
+    inputs = random_wkv_inputs(1, 10, 2, 3, seed=41)
     leaves = [inputs[name].double().requires_grad_() for name in INPUT_NAMES]
-    initial_state = random_state(1, 2, 3, seed=42).double().requires_grad_()
+    initial_state = inputs["initial_state"].double().requires_grad_()
     reset = torch.zeros(1, 10, dtype=torch.bool)
     reset[0, 6] = True
 
@@ -148,8 +102,8 @@ def test_gradcheck_float64():
 def test_memory_is_one_state_per_chunk():
     """What the backward pass keeps: the inputs, and one float32 state per chunk (not one per token)."""
     batch_size, seq_len, num_heads, head_dim, chunk_size = 2, 100, 2, 16, 16
-    inputs = random_inputs(batch_size, seq_len, num_heads, head_dim, seed=51)
-    inputs = {name: x.requires_grad_() for name, x in inputs.items()}
+    inputs = random_wkv_inputs(batch_size, seq_len, num_heads, head_dim, seed=51)
+    inputs = {name: inputs[name].requires_grad_() for name in INPUT_NAMES}
     y, _ = wkv7_chunked(*(inputs[name] for name in INPUT_NAMES), chunk_size=chunk_size)
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
     n_chunks = -(-seq_len // chunk_size)
@@ -158,8 +112,8 @@ def test_memory_is_one_state_per_chunk():
 
 
 def test_empty_sequence():
-    inputs = random_inputs(2, 0, 2, 16, seed=61)
-    initial_state = random_state(2, 2, 16, seed=62)
+    inputs = random_wkv_inputs(2, 0, 2, 16, seed=61)
+    initial_state = inputs["initial_state"]
     y, final_state = wkv7_chunked(*(inputs[name] for name in INPUT_NAMES), initial_state)
     assert y.shape == (2, 0, 2, 16)
     assert torch.equal(final_state, initial_state) and final_state.data_ptr() != initial_state.data_ptr()
@@ -184,7 +138,7 @@ def test_empty_sequence():
     ],
 )
 def test_bad_input_raises(change, message):
-    arguments = dict(random_inputs(2, 5, 2, 16, seed=71), initial_state=None, reset=None, chunk_size=16)
+    arguments = dict(random_wkv_inputs(2, 5, 2, 16, seed=71), initial_state=None, reset=None, chunk_size=16)
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
         wkv7_chunked(**arguments)

@@ -16,18 +16,17 @@
    the bytes that implementation really reads and writes (this kernel's log_decay is float32, the others' decay
    bfloat16; the backward reads the forward's state checkpoints) at the bandwidth of a large device copy.
 
-Needs only torch; the `kernels` library, transformers, `rwkv` and fla are used when installed. Exit status 1 if a
-check fails.
+Needs only torch (the reference and chunked operators are loaded from their files in modeling_rwkv7/, which import
+nothing else); the `kernels` library, `rwkv` and fla are used when installed. Exit status 1 if a check fails.
 
-    python scripts/gpu_check.py [--device cuda] [--sanitize] [--bench-shapes 8,4096,64,64 8,4096,32,64] [--reps 10]
-                                [--json out.json]
+    python kernels/rwkv7_wkv/benchmarks/gpu_check.py [--device cuda] [--sanitize] [--reps 10] [--json out.json]
+                                                     [--bench-shapes 8,4096,64,64 8,4096,32,64]
 """
 
 import argparse
 import importlib
 import importlib.util
 import json
-import logging
 import statistics
 import sys
 import time
@@ -35,37 +34,31 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
+KERNEL_DIR = Path(__file__).resolve().parents[1]
+OPS_DIR = KERNEL_DIR.parents[1] / "modeling_rwkv7"  # the package's operator files
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 GRAD_NAMES = ("r", "log_decay", "k", "v", "a", "b", "initial_state")
 
 
-def project_module(name: str) -> types.ModuleType:
-    """modeling_rwkv7.<name>. Without a working transformers (GPU machines may have torch alone), the package is
-    entered without running its __init__, and the operator modules get Python's logging in place of
-    transformers.utils.logging."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if "modeling_rwkv7" not in sys.modules:
-        try:
-            import modeling_rwkv7  # noqa: F401
-        except Exception as error:
-            print(f"note: modeling_rwkv7 imported without its __init__ ({type(error).__name__}: {error})")
-            package = types.ModuleType("modeling_rwkv7")
-            package.__path__ = [str(REPO / "modeling_rwkv7")]
-            sys.modules["modeling_rwkv7"] = package
-            try:
-                from transformers.utils import logging as _  # noqa: F401
-            except Exception:
-                stand_in = types.ModuleType("transformers.utils")
-                stand_in.logging = types.SimpleNamespace(get_logger=logging.getLogger)
-                sys.modules["transformers"] = types.ModuleType("transformers")
-                sys.modules["transformers"].utils = stand_in
-                sys.modules["transformers.utils"] = stand_in
-    return importlib.import_module(f"modeling_rwkv7.{name}")
+def ops_module(name: str) -> types.ModuleType:
+    """modeling_rwkv7/<name>.py loaded from its file. The reference (`wkv_reference`) and the chunked operator
+    (`wkv_chunked`) import torch and the standard library only, so they load where torch is all there is."""
+    spec = importlib.util.spec_from_file_location(f"rwkv7_{name}", OPS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference = ops_module("wkv_reference")
+
+
+def random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed, reset_rate=0.0) -> tuple:
+    """`wkv_reference.random_wkv_inputs` on `device`, as a tuple in the ops' order."""
+    inputs = reference.random_wkv_inputs(
+        batch, seq_len, heads, head_dim, seed, dtype=dtype, device=device, reset_rate=reset_rate
+    )
+    return tuple(inputs.values())
 
 
 def load_kernel(device: str) -> tuple[types.ModuleType, str]:
@@ -92,25 +85,6 @@ def load_kernel(device: str) -> tuple[types.ModuleType, str]:
     sys.modules[ops_id] = module
     spec.loader.exec_module(module)
     return module, f"importlib (kernels not installed) -> {variant.name} ({ops_id})"
-
-
-def random_inputs(batch, seq_len, heads, head_dim, dtype, device, seed, reset_rate=0.0):
-    """RWKV-7-like inputs: log_decay float32 in [-0.61, 0) with some much faster decays, a = -kappa_hat,
-    b = kappa_hat * iclr, a random initial state and reset mask."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (batch, seq_len, heads, head_dim)
-    r = torch.randn(shape, generator=g)
-    log_decay = -0.6065306597 * torch.sigmoid(torch.randn(shape, generator=g) * 2)
-    log_decay = torch.where(torch.rand(shape, generator=g) < 0.1, log_decay * 8, log_decay)
-    k = torch.randn(shape, generator=g) * 0.5
-    v = torch.randn(shape, generator=g)
-    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
-    a, b = -kappa, kappa * torch.rand(shape, generator=g)
-    state = torch.randn(batch, heads, head_dim, head_dim, generator=g) * 0.3
-    reset = torch.rand(batch, seq_len, generator=g) < reset_rate if reset_rate else None
-    tensors = [x.to(device=device, dtype=dtype) for x in (r, k, v, a, b)]
-    r, k, v, a, b = tensors
-    return r, log_decay.to(device), k, v, a, b, state.to(device), None if reset is None else reset.to(device)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -175,11 +149,11 @@ def check_sequence(report, kernel, reference, device, batch, seq_len, heads, hea
     report.check(name + (" (NaN-poisoned)" if poisoned else ""), errors, TOLERANCE[dtype])
 
 
-def check_decode(report, kernel, wkv, device, dtype, seed):
+def check_decode(report, kernel, reference, device, dtype, seed):
     batch, heads, head_dim, steps = 3, 4, 64, 20
     r, log_decay, k, v, a, b, state, _ = random_inputs(batch, steps, heads, head_dim, dtype, device, seed)
     one_token = [x[:, :1].float() for x in (r, log_decay, k, v, a, b)]
-    expected_y, expected_state = wkv.wkv7_recurrent(*one_token, state)
+    expected_y, expected_state = reference.wkv7_recurrent(*one_token, state)
     expected_y = expected_y[:, 0]
     poison_allocator(device, [((batch, heads, head_dim), dtype)])
     live = state.clone()
@@ -378,7 +352,7 @@ def bench(kernel, official, device, shape, reps, bandwidth) -> list[dict]:
         torch.cuda.empty_cache()
 
     try:
-        chunked = project_module("wkv_chunked").wkv7_chunked
+        chunked = ops_module("wkv_chunked").wkv7_chunked
     except Exception as error:
         print(f"  chunked (PyTorch)      skipped: no wkv_chunked.wkv7_chunked ({type(error).__name__}: {error})")
     else:
@@ -490,18 +464,17 @@ def main():
     if args.sanitize:
         sanitize_workload(kernel, device)
         return
-    wkv = project_module("wkv")
 
     report = Report()
     started = time.time()
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if device == "cuda" else (torch.float32, torch.bfloat16)
     for index, dtype in enumerate(dtypes):
-        check_sequence(report, kernel, wkv.wkv7_recurrent, device, 2, 100, 4, 64, dtype, 0.03, seed=10 + index)
-    check_sequence(report, kernel, wkv.wkv7_recurrent, device, 3, 37, 2, 32, torch.float32, 0.2, seed=20)
-    check_sequence(report, kernel, wkv.wkv7_recurrent, device, 1, 16, 3, 16, torch.bfloat16, 0.0, seed=21)
-    check_sequence(report, kernel, wkv.wkv7_recurrent, device, 2, 1, 2, 64, torch.float32, 0.0, seed=22)
+        check_sequence(report, kernel, reference.wkv7_recurrent, device, 2, 100, 4, 64, dtype, 0.03, seed=10 + index)
+    check_sequence(report, kernel, reference.wkv7_recurrent, device, 3, 37, 2, 32, torch.float32, 0.2, seed=20)
+    check_sequence(report, kernel, reference.wkv7_recurrent, device, 1, 16, 3, 16, torch.bfloat16, 0.0, seed=21)
+    check_sequence(report, kernel, reference.wkv7_recurrent, device, 2, 1, 2, 64, torch.float32, 0.0, seed=22)
     for index, dtype in enumerate(dtypes):
-        check_decode(report, kernel, wkv, device, dtype, seed=30 + index)
+        check_decode(report, kernel, reference, device, dtype, seed=30 + index)
     official = check_official(report, kernel, device, seed=40)
     print(f"{len(report.rows) - report.failures}/{len(report.rows)} checks passed in {time.time() - started:.0f} s")
 

@@ -1,4 +1,4 @@
-"""Issue 13: the CUDA block programs of kernels/rwkv7_wkv/csrc/wkv7_core.h race-checked without a GPU.
+"""Issue 13: the CUDA block programs of csrc/wkv7_core.h race-checked without a GPU.
 
 tests/tsan/wkv7_tsan.cpp runs every block on one std::thread per CUDA thread with a real barrier for sync() and
 NaN-filled shared memory, built with -fsanitize=thread; its float16 and bfloat16 paths use CUDA's own conversions
@@ -7,34 +7,22 @@ match the reference recurrence and its autograd gradients, and equal the built C
 one required barrier makes TSAN report a race. Also torch.library.opcheck on the three ops of the CPU variant.
 """
 
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 
-from modeling_rwkv7.wkv import wkv7_recurrent
+from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
-REPO = Path(__file__).resolve().parents[1]
-KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
+KERNEL_DIR = Path(__file__).resolve().parents[1]
 HARNESS = Path(__file__).resolve().parent / "tsan" / "wkv7_tsan.cpp"
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TSAN_OPTIONS = "halt_on_error=0 exitcode=66 report_signal_unsafe=0"
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"rwkv7_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_script("gpu_check")
 
 
 def cuda_include_dir() -> Path:
@@ -77,10 +65,10 @@ def harness(tmp_path_factory) -> Path:
 
 
 def make_problem(head_dim, dtype, batch, seq_len, heads, seed, reset_rate, with_state, with_dfinal):
-    """RWKV-7-scale inputs (gpu_check.random_inputs) rounded to `dtype`, dy and d(final state)."""
-    r, log_decay, k, v, a, b, state, reset = gpu_check.random_inputs(
-        batch, seq_len, heads, head_dim, DTYPES[dtype], "cpu", seed, reset_rate
-    )
+    """RWKV-7-scale inputs (`random_wkv_inputs`) rounded to `dtype`, dy and d(final state)."""
+    r, log_decay, k, v, a, b, state, reset = random_wkv_inputs(
+        batch, seq_len, heads, head_dim, seed, dtype=DTYPES[dtype], reset_rate=reset_rate
+    ).values()
     g = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(r.shape, generator=g).to(DTYPES[dtype])
     dfinal = torch.randn(state.shape, generator=g) * 0.1
@@ -153,14 +141,6 @@ def assert_no_race(process):
     assert process.returncode == 0, f"harness exited {process.returncode}:\n{process.stdout}\n{process.stderr[-6000:]}"
     equal = [line for line in process.stdout.splitlines() if line.startswith("equal:")]
     assert len(equal) == 14 and "DIFFERENT" not in process.stdout, process.stdout
-
-
-def assert_close(actual, expected, rtol, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    error = (actual.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    assert error <= rtol * max(scale, 1e-6), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
 
 
 CASES = {
@@ -244,21 +224,6 @@ def test_leaving_out_a_required_barrier_is_reported_as_a_race(harness, tmp_path,
 # --- the harness against the built CPU variant, and opcheck of its ops -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    """The CPU variant, built (or found up to date) by scripts/build_kernel.py and loaded through `kernels`."""
-    import kernels
-
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_kernel.py")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
-    )
-    assert result.returncode == 0, f"build_kernel.py failed:\n{result.stdout}\n{result.stderr}"
-    return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
-
-
 @pytest.mark.parametrize("case", ["n16-f32-ragged-resets-state", "n32-bf16-resets-state"])
 @pytest.mark.slow
 @pytest.mark.subprocess
@@ -294,7 +259,7 @@ def test_threaded_blocks_equal_the_cpu_variant_bitwise(harness, kernel, tmp_path
 def test_opcheck_forward_backward_decode(kernel):
     """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) on the three ops, with
     inputs that are not contiguous; the fake outputs are contiguous like the real ones."""
-    r, log_decay, k, v, a, b, state, reset = gpu_check.random_inputs(2, 19, 3, 16, torch.float32, "cpu", 7, 0.2)
+    r, log_decay, k, v, a, b, state, reset = random_wkv_inputs(2, 19, 3, 16, seed=7, reset_rate=0.2).values()
     # [batch, heads, seq_len, head_dim] storage seen as [batch, seq_len, heads, head_dim]
     r, log_decay, k, v, a, b = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (r, log_decay, k, v, a, b))
     assert not r.is_contiguous()

@@ -1,12 +1,13 @@
-"""Issues 5 and 13: the compiled WKV-7 kernel (kernels/rwkv7_wkv) in kernel-hub layout, built here as its CPU variant
-and loaded through the `kernels` library; its ops against the reference recurrence; the loader's fallbacks;
-kernel-builder conformance checked by the tools (every source compiled with exactly the include directories
-build.toml declares, nvcc for every declared CUDA capability, metadata.json read and its digest validated by
-kernels-data, the library checked by kernel-abi-check)."""
+"""The rwkv7_wkv kernel's own tests, on its CPU variant (which runs the CUDA block programs of csrc/wkv7_core.h as
+loops over the threads): the ops against the reference recurrence (`modeling_rwkv7.wkv_reference`) on fresh random
+inputs, forward, checkpoints, gradients, half precision, the decode step, fake tensors and bad inputs; the variant's
+layout and metadata; kernel-builder conformance checked by the tools (every source compiled with exactly the include
+directories build.toml declares, nvcc for the lowest and highest declared CUDA capability, metadata.json read and its
+digest validated by kernels-data, the library checked by kernel-abi-check); and the inputs the GPU check gives
+BlinkDL's kernel. The `kernel_variant` and `kernel` fixtures are the repository's (conftest.py)."""
 
 import importlib.util
 import json
-import logging
 import os
 import re
 import shutil
@@ -16,25 +17,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
+
+from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 try:
     import tomllib
 except ImportError:  # Python < 3.11
     from pip._vendor import tomli as tomllib
 
-from modeling_rwkv7 import wkv_kernel
-from modeling_rwkv7.wkv import wkv7_recurrent
-from modeling_rwkv7.wkv_kernel import load_wkv_kernel
-
-REPO = Path(__file__).resolve().parents[1]
-KERNEL_DIR = REPO / "kernels" / "rwkv7_wkv"
-BUILD_SCRIPT = REPO / "scripts" / "build_kernel.py"
-REPO_ID = "modeling-rwkv7/rwkv7-wkv"
+KERNEL_DIR = Path(__file__).resolve().parents[1]
+REPO = KERNEL_DIR.parents[1]
 
 
 def run_build_script(*args: str) -> str:
+    """`scripts/build_kernel.py ARGS`, checked; its standard output (the compile checks report per source)."""
     result = subprocess.run(
-        [sys.executable, str(BUILD_SCRIPT), *args],
+        [sys.executable, str(REPO / "scripts" / "build_kernel.py"), *args],
         capture_output=True,
         text=True,
         env={**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")},
@@ -43,52 +42,19 @@ def run_build_script(*args: str) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="session")
-def cpu_variant() -> Path:
-    """Builds (or finds up to date) the CPU variant; returns its directory."""
-    from kernels._internals import variants  # private since kernels 0.19
-
-    output = run_build_script()
-    variant = re.search(r"rwkv7_wkv/build/(torch\S+-cpu-\S+?)[:\s]", output).group(1)
-    # the name is the one kernels picks on this machine
-    resolved, _ = variants.resolve_variant([variants.parse_variant(variant)], "cpu")
-    assert resolved is not None and resolved.variant_str == variant
-    return KERNEL_DIR / "build" / variant
+def wkv_inputs(batch, seq_len, heads, head_dim, seed, dtype=torch.float32, reset_rate=0.0, with_state=True):
+    """`random_wkv_inputs` as a tuple in the ops' order, the initial state dropped unless `with_state`."""
+    inputs = random_wkv_inputs(batch, seq_len, heads, head_dim, seed, dtype=dtype, reset_rate=reset_rate)
+    if not with_state:
+        inputs["initial_state"] = None
+    return tuple(inputs.values())
 
 
-@pytest.fixture(scope="session")
-def kernel(cpu_variant):
-    import kernels
-
-    return kernels.get_local_kernel(KERNEL_DIR, backend="cpu")
-
-
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("rwkv7_gpu_check", REPO / "scripts" / "gpu_check.py")
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("rwkv7_gpu_check", KERNEL_DIR / "benchmarks" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-gpu_check = _load_gpu_check()
-
-
-def wkv_inputs(batch, seq_len, heads, head_dim, seed, dtype=torch.float32, reset_rate=0.0, with_state=True):
-    """`scripts/gpu_check.py`'s random inputs at RWKV-7's scale, on CPU; the initial state dropped unless
-    `with_state`."""
-    *inputs, state, reset = gpu_check.random_inputs(batch, seq_len, heads, head_dim, dtype, "cpu", seed, reset_rate)
-    return (*inputs, state if with_state else None, reset)
-
-
-def assert_close(actual, expected, rtol, name=""):
-    """Max abs error within rtol of the largest expected magnitude."""
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    if actual.numel() == 0:
-        return
-    error = (actual.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    assert error <= rtol * max(scale, 1e-6), f"{name}: max error {error:.3g} vs scale {scale:.3g}"
 
 
 # --- layout and loading --------------------------------------------------------------------------------------
@@ -97,13 +63,20 @@ def assert_close(actual, expected, rtol, name=""):
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_variant_layout_and_metadata(cpu_variant, kernel):
-    metadata = json.loads((cpu_variant / "metadata.json").read_text())
+def test_variant_layout_and_metadata(kernel_variant, kernel):
+    from kernels._internals import variants  # private since kernels 0.19
+
+    # the variant's name is the one kernels picks on this machine
+    resolved, _ = variants.resolve_variant([variants.parse_variant(kernel_variant.name)], "cpu")
+    assert resolved is not None and resolved.variant_str == kernel_variant.name
+    metadata = json.loads((kernel_variant / "metadata.json").read_text())
     assert metadata["name"] == "rwkv7-wkv" and metadata["version"] == 1 and metadata["backend"] == {"type": "cpu"}
     assert metadata["python-depends"] == [] and metadata["license"] == "Apache-2.0"
     assert metadata["id"].startswith("_rwkv7_wkv_cpu_")
     files = {
-        str(p.relative_to(cpu_variant)) for p in cpu_variant.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        str(p.relative_to(kernel_variant))
+        for p in kernel_variant.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
     }
     expected_files = {"__init__.py", "_ops.py", "layers.py", f"{metadata['id']}.abi3.so", "rwkv7_wkv/__init__.py"}
     assert files == expected_files | {"metadata.json"}
@@ -117,36 +90,17 @@ def test_variant_layout_and_metadata(cpu_variant, kernel):
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_build_is_idempotent(cpu_variant):
-    so_file = next(cpu_variant.glob("*.abi3.so"))
+def test_build_is_idempotent(kernel_variant):
+    so_file = next(kernel_variant.glob("*.abi3.so"))
     before = so_file.stat().st_mtime_ns
     assert "up to date" in run_build_script()
     assert so_file.stat().st_mtime_ns == before
 
 
-@pytest.mark.kernel_build
-def test_a_second_build_place_copies_the_same_binary(cpu_variant, native_decoding_ops, tmp_path, capsys):
-    """The native cache and any other build place hold one binary per id: a process that loaded the native build
-    refuses a different build under the same id (kernels' same-build check), so a build elsewhere copies it."""
-    import kernels
-    from modeling_rwkv7.kernel_build import build_variant
-
-    variant = build_variant("cpu", build_dir=tmp_path / "build")
-    assert "copying" in capsys.readouterr().out
-    so_file = next(variant.glob("*.abi3.so"))
-    assert so_file.read_bytes() == (cpu_variant / so_file.name).read_bytes()
-    # kernels loads it beside the build already loaded in this process (it raised "a different build" before)
-    assert kernels.get_local_kernel(tmp_path, backend="cpu").ops is native_decoding_ops.ops
-    # and a build elsewhere gives the same bytes: the binary names no folder of this machine
-    binary = so_file.read_bytes()
-    for folder in (KERNEL_DIR.resolve(), Path(torch.__file__).resolve().parent):
-        assert str(folder).encode() not in binary, folder
-
-
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_compat_directory_loads_alone(cpu_variant, kernel):
+def test_compat_directory_loads_alone(kernel_variant, kernel):
     """Older `kernels` releases import build/<variant>/rwkv7_wkv/ as the package: it exposes the same API (in its own
     process, since the ops namespace can be registered once per process)."""
     script = (
@@ -159,7 +113,7 @@ def test_compat_directory_loads_alone(cpu_variant, kernel):
         "y, state = module.wkv7(x, -torch.ones_like(x), x, x, 0 * x, 0 * x)\n"
         "print(sorted(module.__all__), tuple(y.shape), tuple(state.shape))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(cpu_variant)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script, str(kernel_variant)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{sorted(kernel.__all__)} (1, 3, 1, 16) (1, 1, 16, 16)"
 
@@ -308,127 +262,6 @@ def test_bad_inputs_raise_clear_errors(kernel):
         kernel.wkv7(r, log_decay, k, v, a, b, state, reset.float())
 
 
-# --- the loader ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch):
-    monkeypatch.setattr(wkv_kernel, "_loaded", {})
-    monkeypatch.setattr(wkv_kernel, "_reported", set())
-    monkeypatch.delenv(wkv_kernel.KERNEL_PATH_ENV, raising=False)
-
-
-@pytest.mark.slow
-@pytest.mark.subprocess
-@pytest.mark.kernel_build
-def test_loader_local_path_and_env_var(kernel, fresh_loader, monkeypatch):
-    assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is kernel
-    assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is kernel  # cached
-    monkeypatch.setenv(wkv_kernel.KERNEL_PATH_ENV, str(KERNEL_DIR / "build"))
-    assert load_wkv_kernel(REPO_ID) is kernel
-
-
-@pytest.mark.slow
-@pytest.mark.subprocess
-@pytest.mark.kernel_build
-def test_wkv7_kernel_follows_the_reference_contract(kernel, fresh_loader):
-    module = load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR, required=True)
-    r, log_decay, k, v, a, b, state, reset = wkv_inputs(2, 23, 2, 32, seed=51, reset_rate=0.2)
-    for initial_state in (state, None):
-        expected = wkv7_recurrent(r, log_decay, k, v, a, b, initial_state, reset)
-        actual = module.wkv7(r, log_decay, k, v, a, b, initial_state, reset)
-        assert_close(actual[0], expected[0], 1e-5, "y")
-        assert_close(actual[1], expected[1], 1e-5, "final_state")
-
-
-def warnings_of(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == wkv_kernel.__name__ and r.levelno == logging.WARNING]
-
-
-def test_loader_without_the_kernels_package(fresh_loader, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "kernels", None)  # `import kernels` raises ImportError
-    with caplog.at_level(logging.WARNING):
-        assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is None
-        assert load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR) is None
-    messages = warnings_of(caplog)
-    assert len(messages) == 1 and "the `kernels` package cannot be imported" in messages[0]
-    with pytest.raises(RuntimeError, match="the `kernels` package cannot be imported"):
-        load_wkv_kernel(REPO_ID, local_path=KERNEL_DIR, required=True)
-
-
-@pytest.mark.parametrize(
-    "make_path, reason",
-    [
-        (lambda tmp: tmp / "missing", "does not exist"),
-        (lambda tmp: tmp, "Cannot find a build variant"),
-    ],
-)
-def test_loader_bad_path(fresh_loader, tmp_path, caplog, make_path, reason):
-    with caplog.at_level(logging.WARNING):
-        assert load_wkv_kernel(REPO_ID, local_path=make_path(tmp_path)) is None
-    messages = warnings_of(caplog)
-    assert len(messages) == 1 and reason in messages[0] and "\n" not in messages[0]
-    with pytest.raises(RuntimeError, match=reason):
-        load_wkv_kernel(REPO_ID, local_path=make_path(tmp_path), required=True)
-
-
-def test_loader_without_path_on_a_cpu_machine(fresh_loader, monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(wkv_kernel, "_trusted", wkv_kernel.HubKernel(REPO_ID, "0" * 40))
-    with caplog.at_level(logging.WARNING):
-        assert load_wkv_kernel(REPO_ID) is None
-    assert any("no CUDA device" in m for m in warnings_of(caplog))
-    with pytest.raises(RuntimeError, match="no CUDA device"):
-        load_wkv_kernel(REPO_ID, required=True)
-
-
-@pytest.mark.slow
-@pytest.mark.subprocess
-@pytest.mark.kernel_build
-def test_a_build_for_other_gpus_is_refused_by_kernels_arch_check(monkeypatch, tmp_path):
-    """A CUDA build of our declared archs loads only on the GPUs they cover (kernels' own rule, which its loaders
-    apply to local and Hub builds alike: same major, newer minor; any newer GPU through +PTX)."""
-    from kernels._internals.validate import ArchValidator  # what get_local_kernel / get_kernel run (kernels 0.19)
-
-    from kernels import Metadata
-
-    metadata = {
-        "name": "rwkv7-wkv",
-        "id": "_rwkv7_wkv_cuda_0",
-        "version": 1,
-        "license": "Apache-2.0",
-        "python-depends": [],
-        "backend": {"type": "cuda", "archs": ["8.0", "9.0", "10.0", "12.0+PTX"]},
-    }
-    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for capability, runs in [
-        ((8, 0), True),
-        ((8, 6), True),
-        ((9, 0), True),
-        ((10, 3), True),
-        ((12, 0), True),
-        ((12, 1), True),
-        ((13, 0), True),
-        ((7, 5), False),
-        ((11, 0), False),
-    ]:
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda capability=capability: capability)
-        try:
-            ArchValidator().validate_metadata(
-                metadata=Metadata.read_from_file(tmp_path / "metadata.json"),
-                variant="torch213-cxx11-cu130-x86_64-linux",
-            )
-            refusal = None
-        except RuntimeError as error:
-            refusal = str(error)
-        if runs:
-            assert refusal is None, (capability, refusal)
-        else:
-            assert f"CUDA capability {capability[0]}.{capability[1]} of the current device is not supported" in refusal
-
-
 # --- kernel-builder conformance ------------------------------------------------------------------------------
 
 
@@ -459,23 +292,23 @@ def test_cpu_sources_compile_with_exactly_the_declared_includes():
     output = run_build_script("--check-cpu")
     assert "cpu compile check passed" in output
     assert "ok: c++ -fsyntax-only -DCPU_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output
-    assert "ok: c++ -fsyntax-only -DCPU_KERNEL csrc/wkv7_cpu.cpp (includes: csrc)" in output
+    assert "ok: c++ -fsyntax-only -DCPU_KERNEL csrc/cpu/wkv7_cpu.cpp (includes: csrc)" in output
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_metadata_read_and_digest_validated_by_kernels_data(cpu_variant, tmp_path):
+def test_metadata_read_and_digest_validated_by_kernels_data(kernel_variant, tmp_path):
     from kernels_data import Backend, Digest, DigestValidationError, DigestViolation, Metadata
 
-    metadata = Metadata.read_from_file(cpu_variant / "metadata.json")
+    metadata = Metadata.read_from_file(kernel_variant / "metadata.json")
     assert str(metadata.name) == "rwkv7-wkv" and metadata.version == 1 and metadata.license == "Apache-2.0"
     assert metadata.backend.backend_type == Backend.CPU and metadata.id.startswith("_rwkv7_wkv_cpu_")
-    metadata.digest.validate(Digest.hash_variant(metadata.digest.algorithm, cpu_variant))  # raises on a mismatch
+    metadata.digest.validate(Digest.hash_variant(metadata.digest.algorithm, kernel_variant))  # raises on a mismatch
 
     # a copy with one byte of the library changed fails the same check, naming the file
-    tampered = tmp_path / cpu_variant.name
-    shutil.copytree(cpu_variant, tampered, ignore=shutil.ignore_patterns("__pycache__"))
+    tampered = tmp_path / kernel_variant.name
+    shutil.copytree(kernel_variant, tampered, ignore=shutil.ignore_patterns("__pycache__"))
     library = tampered / f"{metadata.id}.abi3.so"
     data = bytearray(library.read_bytes())
     data[len(data) // 2] ^= 1
@@ -489,10 +322,10 @@ def test_metadata_read_and_digest_validated_by_kernels_data(cpu_variant, tmp_pat
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
-def test_cpu_library_passes_kernel_abi_check(cpu_variant):
+def test_cpu_library_passes_kernel_abi_check(kernel_variant):
     from kernel_abi_check import ObjectFile
 
-    library = ObjectFile(next(cpu_variant.glob("*.abi3.so")))
+    library = ObjectFile(next(kernel_variant.glob("*.abi3.so")))
     assert library.check_python_abi("3.9") == []  # stable ABI: one build for every Python >= 3.9
     # The manylinux level depends on the glibc of the machine that builds (kernel-builder targets manylinux_2_28);
     # whatever it needs must be present here, since the library was just loaded.
@@ -509,20 +342,20 @@ def test_cuda_sources_compile_for_the_lowest_and_highest_declared_capability():
     templates (`kernel_build --check-cuda` checks them all at -O3)."""
     output = run_build_script("--check-cuda", "--quick", "--archs", "8.0,12.0+PTX")
     assert "cuda compile check passed" in output
-    assert "ok: nvcc csrc/wkv7_cuda.cu for 8.0, 12.0+PTX (includes: csrc)" in output
+    assert "ok: nvcc csrc/cuda/wkv7_cuda.cu for 8.0, 12.0+PTX (includes: csrc)" in output
     for arch in ("sm_80", "sm_120"):
         for kernel_name in ("forward", "backward"):
             for dtype in ("float32", "float16", "bfloat16"):
                 assert f"{arch} {kernel_name} N=64 {dtype}" in output, output
-    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL csrc/wkv7_cuda_ops.cpp (includes: csrc)" in output
+    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL csrc/cuda/wkv7_cuda_ops.cpp (includes: csrc)" in output
     assert "ok: c++ -fsyntax-only -DCUDA_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output
 
 
 def test_gpu_check_feeds_the_official_kernel_the_same_decay():
-    """scripts/gpu_check.py times BlinkDL's kernel, which takes w with decay = exp(-exp(w)) and one [seq_len,
+    """benchmarks/gpu_check.py times BlinkDL's kernel, which takes w with decay = exp(-exp(w)) and one [seq_len,
     channels] sequence per call: the converted inputs carry the same decay and values."""
     r, log_decay, k, v, a, b, _, _ = wkv_inputs(2, 9, 3, 16, seed=61)
-    sequences = gpu_check.official_inputs(r, log_decay, k, v, a, b)
+    sequences = load_gpu_check().official_inputs(r, log_decay, k, v, a, b)
     assert len(sequences) == 2
     for index, sequence in enumerate(sequences):
         assert all(x.shape == (9, 48) and x.is_contiguous() for x in sequence)

@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "wkv7_checks.h"
-#include "wkv7_cuda.h"
+#include "cuda/wkv7_cuda.h"
 #include "wkv7_ops.h"
 
 namespace {

@@ -1,6 +1,6 @@
 // Thread-sanitizer harness of the WKV-7 block programs (kernels/rwkv7_wkv/csrc/wkv7_core.h): every block runs on
 // one std::thread per CUDA thread, with a real barrier for sync() and NaN-filled shared memory, and its results
-// must be bitwise equal to the serial run (SerialBlock, as in the CPU build). Built by tests/test_kernel_tsan.py
+// must be bitwise equal to the serial run (SerialBlock, as in the CPU build). Built by tests/test_rwkv7_wkv_tsan.py
 // with -fsanitize=thread, which then reports any shared-memory access that no barrier orders.
 //
 //     wkv7_tsan N DTYPE BATCH SEQ_LEN HEADS FLAGS IN OUT

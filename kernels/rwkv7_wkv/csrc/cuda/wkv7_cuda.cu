@@ -1,5 +1,5 @@
 // WKV-7 CUDA kernels: one block per (batch, head), one thread per state row (see wkv7_core.h).
-#include "wkv7_cuda.h"
+#include "cuda/wkv7_cuda.h"
 
 namespace wkv7 {
 
