@@ -10,12 +10,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 
 @pytest.fixture(scope="session")
-def kernel_variant() -> Path:
+def kernel_variant(tmp_path_factory) -> Path:
     """The kernel's CPU variant, built (or found up to date) into kernels/rwkv7_wkv/build/ by
-    `modeling_rwkv7.kernel_build.build_variant`: its directory."""
+    `modeling_rwkv7.kernel_build.build_variant`, by one xdist worker at a time: its directory."""
+    from helpers import run_lock
+
     from modeling_rwkv7.kernel_build import build_variant
 
-    return build_variant("cpu")
+    with run_lock(tmp_path_factory, "kernel_variant"):
+        return build_variant("cpu")
 
 
 @pytest.fixture(scope="session")

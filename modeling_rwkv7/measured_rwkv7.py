@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +104,19 @@ def timed_call(fn: Callable[[], object]) -> tuple[object, float, float]:
     return result, wall, other_cpu
 
 
+def median_seconds(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU seconds (all threads) of `fn()` over `reps` runs after one warm-up: the
+    timer of the micro-benchmarks (`scripts/bench_wkv_op.py`, `scripts/bench_tokenizer.py`)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def timed_while_quiet(time_once: Callable[[], dict]) -> tuple[dict, float]:
     """`time_once()` (it returns seconds per candidate) and the CPU seconds other processes used meanwhile, taken
     once more if they kept a core busy half the time (on a 2-core machine such load slows threaded work tens of
@@ -121,6 +135,7 @@ __all__ = [
     "cache_root",
     "decisions_path",
     "machine",
+    "median_seconds",
     "store_decision",
     "stored_decision",
     "timed_call",

@@ -532,7 +532,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         mask = _padding_mask(attention_mask, batch_size, seq_len, continues_a_cache=cache is not None)
-        reset = document_starts(batch_size, seq_len, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)
+        reset = document_starts(batch_size, seq_len, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx, mask)
 
         if cache is not None:
             if not isinstance(cache, RWKV7Cache):
@@ -637,11 +637,14 @@ def document_starts(
     cu_seq_lens_q: Optional[torch.Tensor] = None,
     cu_seq_lens_k: Optional[torch.Tensor] = None,
     seq_idx: Optional[torch.Tensor] = None,
+    padding_mask: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """[batch, seq_len] bool, True where a packed document starts after the first position, or None (no packing
+    """[batch, seq_len] bool, True where a packed document starts after a row's first token, or None (no packing
     information, or, run eagerly, no document start). Documents are marked by position_ids [batch or 1, seq_len]
     (a 0), cu_seq_lens_q / cu_seq_lens_k [num_documents + 1] (cumulative lengths of the documents of one row) or
-    seq_idx [1, seq_len] (a change of the document index); several of them are combined."""
+    seq_idx [1, seq_len] (a change of the document index); several of them are combined. A row's first token
+    (the first position, or with `padding_mask` [batch, seq_len] the first one after left padding, where
+    generate()'s position_ids are 0 too) continues from the state given: a cache, a tuned state or zeros."""
     reset = None
     if position_ids is not None:
         if (
@@ -667,8 +670,10 @@ def document_starts(
         reset = changes if reset is None else reset | changes
     if reset is None:
         return None
-    # the first position continues from the state given (a cache, or zeros); it is never reset
-    reset = torch.cat([torch.zeros_like(reset[:, :1]), reset[:, 1:]], dim=1)
+    if padding_mask is None:
+        reset = torch.cat([torch.zeros_like(reset[:, :1]), reset[:, 1:]], dim=1)
+    else:
+        reset = reset & ((padding_mask.cumsum(dim=1) - padding_mask.long()) > 0)  # a token of the row came before
     if not torch.compiler.is_compiling() and not bool(reset.any()):
         return None
     return reset
@@ -893,7 +898,10 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         for start in range(0, seq_len, PREFILL_CHUNK_SIZE):
             chunk = slice(start, start + PREFILL_CHUNK_SIZE)
             if position_ids is not None and start > 0:
-                for row in (position_ids[:, start] == 0).expand(batch_size).nonzero()[:, 0].tolist():
+                starts = (position_ids[:, start] == 0).expand(batch_size)
+                if mask is not None:  # a row's first token after left padding continues from the state given
+                    starts = starts & mask[:, :start].bool().any(dim=1)
+                for row in starts.nonzero()[:, 0].tolist():
                     cache.reset_row(row)
             outputs = self.model(
                 input_ids=input_ids[:, chunk] if input_ids is not None else None,

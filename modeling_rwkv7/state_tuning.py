@@ -73,7 +73,8 @@ class RWKV7StateTuning(nn.Module):
             raise ValueError("Pass input_ids or inputs_embeds.")
         batch_size, seq_len = inputs.shape[:2]
         packing = {name: kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")}
-        if document_starts(batch_size, seq_len, position_ids, **packing) is not None:
+        padding_mask = attention_mask[:, -seq_len:].bool() if attention_mask is not None else None
+        if document_starts(batch_size, seq_len, position_ids, **packing, padding_mask=padding_mask) is not None:
             raise ValueError(
                 "State tuning needs one document per row, but position_ids (or cu_seq_lens_q / cu_seq_lens_k / "
                 "seq_idx) mark a document start after the first position (packed rows); the state would restart "

@@ -19,13 +19,12 @@ import json
 import os
 import platform
 import random
-import statistics
-import time
 from pathlib import Path
 
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
+from modeling_rwkv7.measured_rwkv7 import median_seconds
 from modeling_rwkv7.tokenization_rwkv7 import RWKV7Tokenizer, RWKV7TokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,18 +53,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def median_seconds(run, reps: int) -> tuple[float, float]:
-    """Median wall-clock and process CPU seconds (all threads) of `run()` after one warm-up."""
-    run()
-    wall, cpu = [], []
-    for _ in range(reps):
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
-        run()
-        wall.append(time.perf_counter() - wall_start)
-        cpu.append(time.process_time() - cpu_start)
-    return statistics.median(wall), statistics.median(cpu)
 
 
 def candidates() -> tuple[dict[str, tuple], TRIE_TOKENIZER]:

@@ -8,27 +8,14 @@ wall-clock time and, as a guide when the machine is shared, the median CPU time 
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from modeling_rwkv7.measured_rwkv7 import median_seconds
 from modeling_rwkv7.wkv_chunked import wkv7_chunked
 from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 NUM_HEADS, HEAD_DIM, SEQ_LEN = 12, 64, 512
-
-
-def measure(run, reps: int) -> tuple[float, float]:
-    """Median wall-clock and process CPU milliseconds of `run()` after one warm-up."""
-    run()
-    wall, cpu = [], []
-    for _ in range(reps):
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
-        run()
-        wall.append(time.perf_counter() - wall_start)
-        cpu.append(time.process_time() - cpu_start)
-    return 1e3 * statistics.median(wall), 1e3 * statistics.median(cpu)
 
 
 def forward(op, inputs):
@@ -74,8 +61,8 @@ def main():
         inputs = list(random_wkv_inputs(batch_size, SEQ_LEN, NUM_HEADS, HEAD_DIM, seed=batch_size).values())[:6]
         reference = None
         for name, op in ops:
-            fwd = measure(forward(op, inputs), args.reps)
-            fwd_bwd = measure(forward_backward(op, inputs), args.reps)
+            fwd = [1e3 * t for t in median_seconds(forward(op, inputs), args.reps)]
+            fwd_bwd = [1e3 * t for t in median_seconds(forward_backward(op, inputs), args.reps)]
             reference = reference or (fwd[0], fwd_bwd[0])
             print(
                 f"{name:<20} {batch_size:>5} {fwd[0]:>8.1f} [{fwd[1]:>7.1f}] {fwd_bwd[0]:>9.1f} [{fwd_bwd[1]:>8.1f}]"

@@ -1,3 +1,5 @@
+import shutil
+
 import oracle  # (sets RWKV_V7_ON before anything imports `rwkv`; tests/ is on the path: the root conftest.py)
 import pytest
 import torch
@@ -18,14 +20,19 @@ def native_decoding_ops():
 
 @pytest.fixture(scope="session")
 def installed_package(tmp_path_factory):
-    """A fresh non-editable install of the package (`helpers.install_package`) and a working folder outside the
-    repository: (install folder, working folder). Run things in it with `helpers.installed_environment`."""
-    from helpers import install_package
+    """A fresh non-editable install of the package (`helpers.install_package`, once per test run, shared by the
+    xdist workers) and a working folder of this worker outside the repository: (install folder, working folder).
+    Run things in it with `helpers.installed_environment`."""
+    from helpers import install_package, run_lock
 
-    folder = tmp_path_factory.mktemp("installed")
-    target = install_package(folder)
-    (folder / "work").mkdir()
-    return target, folder / "work"
+    with run_lock(tmp_path_factory, "installed") as shared:
+        folder = shared / "installed"
+        if not (folder / "complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # an install that failed in another worker
+            folder.mkdir()
+            install_package(folder)
+            (folder / "complete").touch()
+    return folder / "site-packages", tmp_path_factory.mktemp("work")
 
 
 @pytest.fixture(autouse=True)

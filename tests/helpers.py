@@ -2,7 +2,9 @@
 closeness measures of logits and states (in the manner of fla's tests/ops/utils.py), and a fresh non-editable
 install seen with one README extra's dependencies only."""
 
+import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -29,9 +32,11 @@ __all__ = [
     "eager_model",
     "install_package",
     "installed_environment",
+    "load_script",
     "random_model",
     "random_tokens",
     "relative_error",
+    "run_lock",
     "state_errors",
     "trained_scale_",
     "wkv_outputs_and_grads",
@@ -55,11 +60,13 @@ def trained_scale_(model: RWKV7ForCausalLM) -> RWKV7ForCausalLM:
     return model.eval()
 
 
-def random_model(seed: int) -> RWKV7ForCausalLM:
-    """A 2-layer model (hidden 128, 2 heads of 64, vocabulary VOCAB) at a trained model's scale."""
-    config = RWKV7Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512)
+def random_model(seed: int, cls=RWKV7ForCausalLM, **config_overrides):
+    """The tests' model: `cls` (RWKV7ForCausalLM, RWKV7Model, ...) of 2 layers, hidden 128, 2 heads of 64 and a
+    vocabulary of VOCAB (any config field can be overridden), with random weights at a trained model's scale
+    (`trained_scale_`, after `torch.manual_seed(seed)`), in eval mode."""
+    config = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, head_dim=64, intermediate_size=512)
     torch.manual_seed(seed)
-    return trained_scale_(RWKV7ForCausalLM(config))
+    return trained_scale_(cls(RWKV7Config(**{**config, **config_overrides})))
 
 
 def eager_model(seed: int) -> RWKV7ForCausalLM:
@@ -222,6 +229,26 @@ def distribution_closure(distribution, extras: set[str]) -> set[str]:
                 continue  # not installed here: whatever needs it fails, as it would after that install
             todo.append((required, set(requirement.extras)))
     return {name for name, _ in seen}
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of the repository (scripts/, the kernel's benchmarks/) imported from its file as a module."""
+    spec = importlib.util.spec_from_file_location(f"rwkv7_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def run_lock(tmp_path_factory, name: str):
+    """A lock held by one pytest-xdist worker at a time; yields the folder the workers of this test run share (the
+    session's own temporary folder without xdist)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with FileLock(shared / f"{name}.lock"):
+        yield shared
 
 
 def install_package(work: Path) -> Path:

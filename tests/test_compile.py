@@ -4,24 +4,19 @@ and bfloat16, a compiled decoding step and generate() with a compiled forward gi
 
 import copy
 
-import oracle
 import pytest
 import torch
+from helpers import random_model
 from transformers import CompileConfig
 
-from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
+from modeling_rwkv7 import RWKV7ForCausalLM
 
 VOCAB = 256
 
 
 def tiny_model(dtype=torch.float32, seed=0) -> RWKV7ForCausalLM:
-    """2 layers, hidden 64, 2 heads of 32, with the zero-initialised output projections filled in (so every layer
-    contributes to the logits)."""
-    torch.manual_seed(seed)
-    config = RWKV7Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32)
-    model = RWKV7ForCausalLM(config).eval()
-    oracle.fill_zero_matrices(model)
-    return model.to(dtype)
+    """2 layers, hidden 64, 2 heads of 32 (`helpers.random_model`), in `dtype`."""
+    return random_model(seed, vocab_size=VOCAB, hidden_size=64, head_dim=32, intermediate_size=None).to(dtype)
 
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:

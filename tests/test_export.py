@@ -5,15 +5,14 @@ prefill with the state as explicit tensors, and an ONNX export that runs in onnx
 import inspect
 
 import onnxruntime
-import oracle
 import pytest
 import torch
-from helpers import STATE_NAMES
+from helpers import STATE_NAMES, random_model
 from torch.export import Dim
 from transformers.exporters.configs import DynamoConfig
 from transformers.exporters.exporter_dynamo import DynamoExporter
 
-from modeling_rwkv7 import RWKV7Cache, RWKV7Config, RWKV7ForCausalLM
+from modeling_rwkv7 import RWKV7Cache, RWKV7ForCausalLM
 from modeling_rwkv7.export_rwkv7 import (
     RWKV7ExportableModule,
     RWKV7StateFunction,
@@ -26,11 +25,8 @@ VOCAB = 256
 
 @pytest.fixture(scope="module")
 def model() -> RWKV7ForCausalLM:
-    """2 layers, hidden 64, 2 heads of 32, the zero-initialised output projections filled in."""
-    torch.manual_seed(0)
-    model = RWKV7ForCausalLM(RWKV7Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32)).eval()
-    oracle.fill_zero_matrices(model)
-    return model
+    """2 layers, hidden 64, 2 heads of 32."""
+    return random_model(0, vocab_size=VOCAB, hidden_size=64, head_dim=32, intermediate_size=None)
 
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:

@@ -2,13 +2,12 @@
 `RWKV7Block`, full shard), end a few SGD-with-momentum steps with the weights of one unsharded process that takes the
 same global batches (scripts/fsdp_check.py); scripts/train.py refuses FSDP where accelerate would silently run DDP."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
-from helpers import accelerate_launch, installed_environment
+from helpers import accelerate_launch, installed_environment, load_script
 from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,13 +20,6 @@ def launch_in_train_install(installed_package, launch_options: list[str], script
     target, _ = installed_package
     env = installed_environment(target, "train")
     return accelerate_launch(["--num_processes", "2", *launch_options], script, script_options, cwd, env)
-
-
-def load_fsdp_check():
-    spec = importlib.util.spec_from_file_location("fsdp_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -58,7 +50,7 @@ def test_two_fsdp_processes_end_with_the_weights_of_one_process(installed_packag
         0.4 < fraction < 0.6 for fraction in report["parameter_fraction_per_process"]
     )  # sharded, not replicated
 
-    fsdp_check = load_fsdp_check()
+    fsdp_check = load_script(SCRIPT)
     initial = fsdp_check.build_model(fsdp_check.parse_args([*options, "--output_dir", "unused"])).state_dict()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): the same measured CPU paths, the same rounding

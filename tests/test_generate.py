@@ -2,23 +2,15 @@
 is refused, packed documents by cu_seq_lens_q/k equal position_ids packing, unknown arguments are refused by name;
 the cache is written in place without touching what it was built from."""
 
-import oracle
 import pytest
 import torch
+from helpers import random_model
 
-from modeling_rwkv7 import RWKV7Cache, RWKV7Config, RWKV7ForCausalLM
+from modeling_rwkv7 import RWKV7Cache, RWKV7ForCausalLM
 from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
 VOCAB = 256
-
-
-def tiny_model(cls=RWKV7ForCausalLM, seed=0, **overrides):
-    torch.manual_seed(seed)
-    values = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32)
-    values.update(overrides)
-    model = cls(RWKV7Config(**values)).eval()
-    oracle.fill_zero_matrices(model)
-    return model
+TINY = dict(vocab_size=VOCAB, hidden_size=64, head_dim=32, intermediate_size=None)  # 2 heads of 32
 
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -30,7 +22,7 @@ class MyGoose(RWKV7ForCausalLM):
 
 
 def test_a_subclass_with_any_name_generates_like_the_base_class():
-    base, goose = tiny_model(), tiny_model(MyGoose)
+    base, goose = random_model(0, **TINY), random_model(0, MyGoose, **TINY)
     goose.load_state_dict(base.state_dict())
     prompt = tokens(2, 7, seed=1)
     mask = torch.ones_like(prompt)
@@ -53,7 +45,7 @@ def test_a_subclass_with_any_name_generates_like_the_base_class():
 
 
 def test_a_warm_cache_with_an_input_that_cannot_extend_it_is_refused():
-    model = tiny_model()
+    model = random_model(0, **TINY)
     prompt = tokens(1, 8, seed=2)
     cache = model.init_cache(1)
     with torch.no_grad():
@@ -70,7 +62,7 @@ def test_a_warm_cache_with_an_input_that_cannot_extend_it_is_refused():
 
 
 def test_empty_input_and_unknown_arguments_are_refused_by_name():
-    model = tiny_model()
+    model = random_model(0, **TINY)
     with pytest.raises(ValueError, match=r"The input is empty \(batch, seq_len\) = \(1, 0\)"):
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['flash_attn_kwargs'\]"):
@@ -84,7 +76,7 @@ def test_empty_input_and_unknown_arguments_are_refused_by_name():
 
 
 def test_cu_seq_lens_mark_documents_like_position_ids():
-    model = tiny_model()
+    model = random_model(0, **TINY)
     lengths = (5, 9, 1, 7)
     documents = [tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
     packed = torch.cat(documents, dim=1)
@@ -117,7 +109,7 @@ def test_cu_seq_lens_mark_documents_like_position_ids():
 
 
 def test_the_state_is_written_in_place_and_copies_are_independent():
-    model = tiny_model()
+    model = random_model(0, **TINY)
     cache = model.init_cache(2)
     addresses = [t.data_ptr() for layer in cache.layers for t in layer.tensors().values()]
     with torch.no_grad():
@@ -135,7 +127,7 @@ def test_the_state_is_written_in_place_and_copies_are_independent():
 
 
 def test_decoding_from_a_tuned_state_never_overwrites_it():
-    model = tiny_model()
+    model = random_model(0, **TINY)
     tuned = RWKV7StateTuning(model)
     with torch.no_grad():
         tuned.initial_state.normal_(0, 0.5)
@@ -149,8 +141,8 @@ def test_decoding_from_a_tuned_state_never_overwrites_it():
 
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "float16"])
 def test_a_half_precision_wkv_state_halves_its_memory_and_stays_close(state_dtype):
-    reference = tiny_model()
-    model = tiny_model()
+    reference = random_model(0, **TINY)
+    model = random_model(0, **TINY)
     model.config.wkv_state_dtype = state_dtype
     dtype = getattr(torch, state_dtype)
     cache, reference_cache = model.init_cache(1), reference.init_cache(1)

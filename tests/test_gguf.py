@@ -4,7 +4,6 @@ converter would write; a numpy run of llama.cpp's RWKV-7 graph on those tensors 
 what llama.cpp cannot hold is refused without a file."""
 
 import codecs
-import importlib.util
 import os
 from pathlib import Path
 
@@ -14,15 +13,14 @@ import oracle
 import pytest
 import torch
 from gguf import GGUFReader
+from helpers import load_script
 
 import modeling_rwkv7  # noqa: F401
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM
 from modeling_rwkv7.conversion_mapping_rwkv7 import official_to_hf
 
 REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("export_gguf", REPO / "scripts" / "export_gguf.py")
-export_gguf = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export_gguf)
+export_gguf = load_script(REPO / "scripts" / "export_gguf.py")
 
 VOCAB, C, LAYERS, N = 65536, 128, 2, 64
 RANKS = (32, 40, 24, 48)  # decay, a, v, gate: all different, so a mixed-up rank shows

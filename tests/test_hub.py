@@ -1,6 +1,5 @@
 """Published folders load where `modeling_rwkv7` is not installed; `scripts/push_to_hub.py` against a mocked Hub."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import oracle
 import pytest
 import torch
 import yaml
+from helpers import load_script
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,13 +67,6 @@ def world_folder(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("world")
     path = oracle.write_official_checkpoint(state_dict, work)
     return convert_checkpoint(path + ".pth", work / "rwkv7-world-tiny", base_model="BlinkDL/rwkv7-g1")
-
-
-def load_push_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub", REPO / "scripts" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -145,7 +138,7 @@ BENCHMARKS = [
 
 
 def test_push_uploads_the_folder_with_a_parseable_card(world_folder, tmp_path):
-    push_to_hub = load_push_script()
+    push_to_hub = load_script(REPO / "scripts" / "push_to_hub.py")
     benchmarks = tmp_path / "benchmarks.json"
     benchmarks.write_text(json.dumps(BENCHMARKS))
     create_repo, create_commit, uploads = fake_hub()
@@ -189,7 +182,7 @@ def test_push_uploads_the_folder_with_a_parseable_card(world_folder, tmp_path):
 
 
 def test_dry_run_prints_exactly_what_a_push_uploads(world_folder, capsys):
-    push_to_hub = load_push_script()
+    push_to_hub = load_script(REPO / "scripts" / "push_to_hub.py")
     create_repo, create_commit, uploads = fake_hub()
     with create_repo as repo_mock, create_commit as commit_mock:
         push_to_hub.main([str(world_folder), "me/rwkv7-tiny", "--dry-run"])
@@ -208,7 +201,7 @@ def test_a_folder_without_generation_config_is_published_with_the_sampling_defau
     shutil.copytree(world_folder, folder)
     expected = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").unlink()
-    push_to_hub = load_push_script()
+    push_to_hub = load_script(REPO / "scripts" / "push_to_hub.py")
     create_repo, create_commit, uploads = fake_hub()
     with create_repo, create_commit:
         push_to_hub.main([str(folder), "me/rwkv7-tiny", "--dry-run"])
@@ -223,7 +216,7 @@ def test_a_folder_without_generation_config_is_published_with_the_sampling_defau
 
 
 def test_push_refuses_a_folder_that_cannot_load_on_its_own(world_folder, tmp_path, capsys):
-    push_to_hub = load_push_script()
+    push_to_hub = load_script(REPO / "scripts" / "push_to_hub.py")
     broken = tmp_path / "broken"
     shutil.copytree(world_folder, broken)
     (broken / "wkv.py").unlink()  # imported by modeling_rwkv7.py, which auto_map names

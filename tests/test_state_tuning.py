@@ -4,11 +4,13 @@ import os
 
 import pytest
 import torch
+from helpers import assert_close, random_model, relative_error
 
-from modeling_rwkv7 import RWKV7Cache, RWKV7Config, RWKV7ForCausalLM, RWKV7ForSequenceClassification, RWKV7Model
+from modeling_rwkv7 import RWKV7Cache, RWKV7ForSequenceClassification, RWKV7Model
 from modeling_rwkv7.state_tuning import RWKV7StateTuning
 
 VOCAB = 97
+TINY = dict(vocab_size=VOCAB, hidden_size=64, head_dim=32, intermediate_size=None)  # 2 heads of 32
 
 
 @pytest.fixture(autouse=True)
@@ -18,19 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def random_model(seed: int, cls=RWKV7ForCausalLM, **overrides) -> torch.nn.Module:
-    """A tiny model with random (not the zero-heavy official init) weights, so every state reaches the output."""
-    values = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32)
-    values.update(overrides)
-    torch.manual_seed(seed)
-    model = cls(RWKV7Config(**values))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" not in name:
-                parameter.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -45,7 +34,7 @@ def random_state(tuned: RWKV7StateTuning, seed: int) -> torch.Tensor:
 
 
 def test_wrapping_freezes_the_model_and_adds_one_state_per_layer():
-    model = random_model(0)
+    model = random_model(0, **TINY)
     tuned = RWKV7StateTuning(model)
     trainable = {name: p.shape for name, p in tuned.named_parameters() if p.requires_grad}
     assert trainable == {"initial_state": torch.Size([2, 2, 32, 32])}
@@ -54,7 +43,7 @@ def test_wrapping_freezes_the_model_and_adds_one_state_per_layer():
 
 
 def test_zero_state_gives_the_plain_model_and_a_state_changes_it():
-    model = random_model(1)
+    model = random_model(1, **TINY)
     tuned = RWKV7StateTuning(model)
     x = tokens(2, 9, seed=1)
     with torch.no_grad():
@@ -65,7 +54,7 @@ def test_zero_state_gives_the_plain_model_and_a_state_changes_it():
 
 
 def test_every_row_starts_from_the_state_given_to_the_model_as_a_cache():
-    model = random_model(2)
+    model = random_model(2, **TINY)
     tuned = RWKV7StateTuning(model)
     state = random_state(tuned, seed=3)
     x = tokens(3, 11, seed=4)
@@ -81,7 +70,7 @@ def test_every_row_starts_from_the_state_given_to_the_model_as_a_cache():
 
 @pytest.mark.parametrize("wkv_backend, seq_len", [("recurrent", 6), ("chunked", 40)])
 def test_gradients_reach_the_state_only_and_match_finite_differences(wkv_backend, seq_len):
-    model = random_model(3, wkv_backend=wkv_backend).double()
+    model = random_model(3, wkv_backend=wkv_backend, **TINY).double()
     tuned = RWKV7StateTuning(model)
     with torch.no_grad():
         tuned.initial_state.normal_(0.0, 0.5)
@@ -107,7 +96,7 @@ def test_gradients_reach_the_state_only_and_match_finite_differences(wkv_backend
 
 
 def test_sequence_classification_and_feature_encoder_can_be_state_tuned():
-    classifier = random_model(4, RWKV7ForSequenceClassification, num_labels=3)
+    classifier = random_model(4, RWKV7ForSequenceClassification, num_labels=3, **TINY)
     tuned = RWKV7StateTuning(classifier)
     random_state(tuned, seed=7)
     out = tuned(input_ids=tokens(4, 5, seed=8), labels=torch.tensor([0, 1, 2, 1]))
@@ -115,7 +104,7 @@ def test_sequence_classification_and_feature_encoder_can_be_state_tuned():
     out.loss.backward()
     assert tuned.initial_state.grad.abs().max() > 0
 
-    encoder = random_model(5, RWKV7Model, vocab_size=None, input_size=7)
+    encoder = random_model(5, RWKV7Model, **{**TINY, "vocab_size": None, "input_size": 7})
     tuned = RWKV7StateTuning(encoder)
     random_state(tuned, seed=9)
     features = torch.randn(2, 8, 7, generator=torch.Generator().manual_seed(10))
@@ -129,7 +118,7 @@ def test_activation_checkpointing_through_the_wrapper_keeps_the_gradient():
     x = tokens(2, 8, seed=19)
     gradients, calls = [], []
     for checkpointing in (False, True):
-        tuned = RWKV7StateTuning(random_model(10)).train()
+        tuned = RWKV7StateTuning(random_model(10, **TINY)).train()
         random_state(tuned, seed=20)
         if checkpointing:
             tuned.activation_checkpointing_enable()  # what Trainer(activation_checkpointing=True) calls
@@ -142,7 +131,7 @@ def test_activation_checkpointing_through_the_wrapper_keeps_the_gradient():
 
 
 def test_save_and_load_reproduce_the_state_in_a_small_file(tmp_path):
-    model = random_model(6)
+    model = random_model(6, **TINY)
     tuned = RWKV7StateTuning(model)
     state = random_state(tuned, seed=11)
     path = tmp_path / "state.safetensors"
@@ -150,7 +139,7 @@ def test_save_and_load_reproduce_the_state_in_a_small_file(tmp_path):
     # 2 layers x (2 heads x 32 x 32 float32 + 2 shift vectors of 64 float32) plus a small header
     assert 2 * (2 * 32 * 32 * 4 + 2 * 64 * 4) < os.path.getsize(path) < 2 * (2 * 32 * 32 * 4 + 2 * 64 * 4) + 2048
 
-    reloaded = RWKV7StateTuning(random_model(6)).load_state(path)
+    reloaded = RWKV7StateTuning(random_model(6, **TINY)).load_state(path)
     assert torch.equal(reloaded.initial_state, state)
     x = tokens(2, 7, seed=12)
     with torch.no_grad():
@@ -158,7 +147,7 @@ def test_save_and_load_reproduce_the_state_in_a_small_file(tmp_path):
 
 
 def test_a_saved_state_drives_generation_with_or_without_the_wrapper(tmp_path):
-    model = random_model(7)
+    model = random_model(7, **TINY)
     tuned = RWKV7StateTuning(model)
     random_state(tuned, seed=13)
     path = tmp_path / "state.safetensors"
@@ -190,8 +179,26 @@ def test_a_saved_state_drives_generation_with_or_without_the_wrapper(tmp_path):
     assert torch.equal(generated[1, 1:], tuned.generate(short, **settings)[0])
 
 
+def test_a_left_padded_rows_first_token_continues_the_tuned_state():
+    """generate()'s position_ids are 0 at the first token after left padding: that token continues from the tuned
+    state (it is no packed document start), through the wrapper's forward and through the model with its cache."""
+    model = random_model(11, **TINY)
+    tuned = RWKV7StateTuning(model)
+    random_state(tuned, seed=12)
+    ids, mask = tokens(2, 5, seed=13), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    position_ids = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # as generate() makes them
+    with torch.no_grad():
+        alone = tuned(ids[1:, 2:]).logits[0]
+        padded = tuned(ids, attention_mask=mask, position_ids=position_ids).logits[1, 2:]
+        through_cache = model(ids, attention_mask=mask, position_ids=position_ids, cache=tuned.initial_cache(2))
+        from_zeros = model(ids[1:, 2:]).logits[0]
+    assert_close(padded, alone, 1e-5, "wrapper")
+    assert_close(through_cache.logits[1, 2:], alone, 1e-5, "cache")
+    assert relative_error(from_zeros, alone) > 1e-2  # the tuned state matters
+
+
 def test_training_moves_only_the_state():
-    model = random_model(8)
+    model = random_model(8, **TINY)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     tuned = RWKV7StateTuning(model).train()
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=0.2)
@@ -212,17 +219,17 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="Linear"):
         RWKV7StateTuning(torch.nn.Linear(2, 2))
 
-    tuned = RWKV7StateTuning(random_model(9))
+    tuned = RWKV7StateTuning(random_model(9, **TINY))
     packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
     with pytest.raises(ValueError, match="one document per row"):
         tuned(input_ids=tokens(1, 6, seed=17), position_ids=packed)
 
-    other = RWKV7StateTuning(random_model(9, num_hidden_layers=3))
+    other = RWKV7StateTuning(random_model(9, num_hidden_layers=3, **TINY))
     other.save_state(tmp_path / "three_layers.safetensors")
     with pytest.raises(ValueError, match='"num_hidden_layers": 3'):
         tuned.load_state(tmp_path / "three_layers.safetensors")
 
-    model = random_model(9)
+    model = random_model(9, **TINY)
     prompt_state = model.init_cache(1)
     with torch.no_grad():
         model(tokens(1, 4, seed=18), cache=prompt_state)

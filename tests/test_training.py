@@ -1,7 +1,6 @@
 """Issue 7: fine-tuning with transformers.Trainer (scripts/train.py): full, LoRA and state tuning, gradient
 checkpointing, packed sequences, multi-process DDP, sequence classification and the feature encoder."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,11 +9,12 @@ import shutil
 import subprocess
 import warnings
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from helpers import accelerate_launch
+from helpers import accelerate_launch, load_script
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from modeling_rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7ForSequenceClassification, RWKV7Model
@@ -25,14 +25,7 @@ DEFAULT_MODEL = os.path.join(REPO, "models", "rwkv7-tiny-default")
 CORPUS = os.path.join(REPO, "data", "shakespeare", "validation.jsonl")
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("rwkv7_train_script", os.path.join(REPO, "scripts", "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = load_train_script()
+train = load_script(helpers.REPO / "scripts" / "train.py")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 was expected, or follows a documented rule (checked against an independent computation); Hub code, remote code and
 uploads happen only on the user's explicit opt-in."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_script, random_model
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoUrl
 from safetensors.torch import load_file, save_file
@@ -22,40 +22,23 @@ REPO = Path(__file__).resolve().parent.parent
 VOCAB = 50
 
 
+# 2 layers of 2 heads of 32; the per-token WKV recurrence (no timing of the chunked form on first use)
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32, intermediate_size=128, wkv_backend="recurrent"
+)
+
+
 def tiny_config(**overrides) -> RWKV7Config:
-    """2 layers of 2 heads of 32; the per-token WKV recurrence (no timing of the chunked form on first use)."""
-    overrides = {"wkv_backend": "recurrent", **overrides}
-    return RWKV7Config(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, head_dim=32, intermediate_size=128, **overrides
-    )
-
-
-def randomized(model):
-    """Random weights at a trained model's scale (the official init leaves some matrices at zero)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and "embeddings" not in name:
-                param.normal_(0, param.shape[1] ** -0.5)
-            elif "x_" in name:
-                param.uniform_(0, 1)
-    return model.eval()
+    return RWKV7Config(**{**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
 def model() -> RWKV7ForCausalLM:
-    torch.manual_seed(0)
-    return randomized(RWKV7ForCausalLM(tiny_config()))
+    return random_model(0, **TINY)
 
 
 def token_ids(batch: int = 2, seq_len: int = 5, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"rwkv7_{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- caches ------------------------------------------------------------------------------------------------------
@@ -79,7 +62,7 @@ def test_a_cache_in_another_dtype_than_init_cache_makes_is_refused(model):
         torch.testing.assert_close(model(ids, cache=converted).logits, expected, rtol=0, atol=0)
 
     torch.manual_seed(0)
-    narrow = randomized(RWKV7ForCausalLM(tiny_config(wkv_state_dtype="bfloat16")))
+    narrow = random_model(0, **TINY, wkv_state_dtype="bfloat16")
     with torch.no_grad():
         assert narrow(ids, cache=narrow.init_cache(2)).logits.isfinite().all()
         with pytest.raises(ValueError, match=r"WKV state in torch\.float32, but .*wkv_state_dtype is 'bfloat16'"):
@@ -234,7 +217,7 @@ def test_bad_labels_are_refused_before_the_loss(model, labels, error, message):
 
 def test_a_fully_padded_row_pools_to_zeros():
     torch.manual_seed(3)
-    encoder = randomized(RWKV7Model(tiny_config()))
+    encoder = random_model(0, RWKV7Model, **TINY)
     ids = token_ids(batch=3, seq_len=5, seed=4)
     mask = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
     with torch.no_grad():
@@ -371,7 +354,7 @@ def folder_with_its_own_code(model, tmp_path, monkeypatch):
 def test_train_runs_a_folders_own_code_only_with_trust_remote_code(folder_with_its_own_code):
     from transformers import AutoModelForCausalLM, HfArgumentParser
 
-    train = load_script("train")
+    train = load_script(REPO / "scripts" / "train.py")
     folder, markers = folder_with_its_own_code
     parser = HfArgumentParser(train.ScriptArguments)
     real_from_pretrained = AutoModelForCausalLM.from_pretrained
@@ -398,7 +381,7 @@ def test_a_mistyped_data_path_fails_locally(monkeypatch, source):
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"load_dataset{a} was called"))
     with pytest.raises(FileNotFoundError, match=f"Data '{source}': no such file or folder"):
-        load_script("train").load_documents(source, "text")
+        load_script(REPO / "scripts" / "train.py").load_documents(source, "text")
 
 
 def test_a_dataset_name_is_still_looked_up(monkeypatch):
@@ -408,7 +391,7 @@ def test_a_dataset_name_is_still_looked_up(monkeypatch):
     not_texts = datasets.Dataset.from_dict({"x": [1]})
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append(a) or not_texts)
     with pytest.raises(ValueError, match=r"has columns \['x'\], not the text column 'text'"):
-        load_script("train").load_documents("someone/some-dataset", "text")
+        load_script(REPO / "scripts" / "train.py").load_documents("someone/some-dataset", "text")
     assert asked == [("someone/some-dataset", None)]
 
 
@@ -424,7 +407,7 @@ def publishable(model, tmp_path) -> Path:
 
 @pytest.mark.parametrize("extra, private", [([], True), (["--public"], False)])
 def test_push_creates_private_repositories_unless_public(publishable, extra, private):
-    push = load_script("push_to_hub")
+    push = load_script(REPO / "scripts" / "push_to_hub.py")
     uploaded = []
 
     def create_commit(self, operations, **kwargs):
@@ -446,7 +429,7 @@ def test_push_refuses_links_to_outside_the_folder(publishable, tmp_path, capsys,
     name = "notes.txt" if link == "file" else "extra"
     (publishable / name).symlink_to(secret / "id_rsa" if link == "file" else secret)
     (publishable / "inside.json").symlink_to(publishable / "config.json")  # a link within the folder is fine
-    push = load_script("push_to_hub")
+    push = load_script(REPO / "scripts" / "push_to_hub.py")
     with mock.patch.object(HfApi, "create_repo", side_effect=AssertionError("no repository may be created")):
         with pytest.raises(SystemExit) as exit_info:
             push.main([str(publishable), "me/x"])

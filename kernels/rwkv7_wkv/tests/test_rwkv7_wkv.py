@@ -6,7 +6,6 @@ directories build.toml declares, nvcc for the lowest and highest declared CUDA c
 digest validated by kernels-data, the library checked by kernel-abi-check); and the inputs the GPU check gives
 BlinkDL's kernel. The `kernel_variant` and `kernel` fixtures are the repository's (conftest.py)."""
 
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, load_script
 
 from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
@@ -48,13 +47,6 @@ def wkv_inputs(batch, seq_len, heads, head_dim, seed, dtype=torch.float32, reset
     if not with_state:
         inputs["initial_state"] = None
     return tuple(inputs.values())
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("rwkv7_gpu_check", KERNEL_DIR / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- layout and loading --------------------------------------------------------------------------------------
@@ -355,7 +347,7 @@ def test_gpu_check_feeds_the_official_kernel_the_same_decay():
     """benchmarks/gpu_check.py times BlinkDL's kernel, which takes w with decay = exp(-exp(w)) and one [seq_len,
     channels] sequence per call: the converted inputs carry the same decay and values."""
     r, log_decay, k, v, a, b, _, _ = wkv_inputs(2, 9, 3, 16, seed=61)
-    sequences = load_gpu_check().official_inputs(r, log_decay, k, v, a, b)
+    sequences = load_script(KERNEL_DIR / "benchmarks" / "gpu_check.py").official_inputs(r, log_decay, k, v, a, b)
     assert len(sequences) == 2
     for index, sequence in enumerate(sequences):
         assert all(x.shape == (9, 48) and x.is_contiguous() for x in sequence)
