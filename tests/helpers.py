@@ -231,8 +231,9 @@ def distribution_closure(distribution, extras: set[str]) -> set[str]:
     return {name for name, _ in seen}
 
 
-def load_script(path: Path) -> ModuleType:
+def load_script(path) -> ModuleType:
     """A script of the repository (scripts/, the kernel's benchmarks/) imported from its file as a module."""
+    path = Path(path)
     spec = importlib.util.spec_from_file_location(f"rwkv7_script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
