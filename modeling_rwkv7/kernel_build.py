@@ -454,13 +454,15 @@ def build_variant(backend: str, force: bool = False, build_dir: Path = BUILD_DIR
     return variant_dir
 
 
-def check_sources(backend: str, only_archs: Optional[list[str]] = None, quick: bool = False) -> None:
+def check_sources(backend: str, only_archs: Optional[list[str]] = None, quick: bool = False) -> list[dict]:
     """Compile every `backend` source of build.toml with exactly its declared include directories (plus the
     system headers of torch, Python and CUDA), as kernel-builder does, without a GPU: nvcc for the .cu files, for
     every cuda-capability of build.toml (reporting registers and spills), and c++ -fsyntax-only for the .cpp
     files. `quick`: nvcc optimizes device code at -O1 (every template still compiles for every capability; the
     optimisation of the release build's -O3 is 90% of nvcc's time), so the registers and spills reported are not
-    the release build's."""
+    the release build's. Prints a line per source and returns a record per source: {"source", "compiler" ("nvcc"
+    or "c++"), "includes" (the -I directories, relative to the kernel folder), "archs", "kernels" (nvcc: a line
+    per compiled kernel with its registers and spills)}; a failed compile raises SystemExit."""
     import torch.utils.cpp_extension as cpp_extension
 
     config = kernel_config()
@@ -523,27 +525,32 @@ def check_sources(backend: str, only_archs: Optional[list[str]] = None, quick: b
                     str(KERNEL_DIR / source),
                 ]
                 label = f"c++ -fsyntax-only {macro} {source}"
-            label += f" (includes: {', '.join(str(p.relative_to(KERNEL_DIR)) for p in includes) or 'none'})"
-            jobs.append((label, command))
+            relative_includes = [str(p.relative_to(KERNEL_DIR)) for p in includes]
+            label += f" (includes: {', '.join(relative_includes) or 'none'})"
+            record = {"source": source, "compiler": command[0].rsplit("/", 1)[-1], "includes": relative_includes}
+            record["archs"] = archs if source.endswith(".cu") else []
+            jobs.append((label, record, command))
 
         running = [
-            (label, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-            for label, cmd in jobs
+            (label, record, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for label, record, cmd in jobs
         ]
-        failed = False
-        for label, process in running:
+        failed, checked = False, []
+        for label, record, process in running:
             output, _ = process.communicate()
             if process.returncode != 0:
                 failed = True
                 print(f"FAILED: {label}\n{output}")
                 continue
             print(f"ok: {label}")
-            if label.startswith("nvcc"):
-                for line in ptxas_summary(output):
-                    print("  " + line)
+            record["kernels"] = ptxas_summary(output) if record["compiler"] == "nvcc" else []
+            for line in record["kernels"]:
+                print("  " + line)
+            checked.append(record)
     if failed:
         raise SystemExit(f"error: {backend} compile check failed")
     print(f"{backend} compile check passed in {time.time() - started:.0f} s")
+    return checked
 
 
 def ptxas_summary(output: str) -> list[str]:

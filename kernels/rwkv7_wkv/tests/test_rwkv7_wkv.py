@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import assert_close, load_script
 
+from modeling_rwkv7.kernel_build import check_sources
 from modeling_rwkv7.wkv_reference import random_wkv_inputs, wkv7_recurrent
 
 try:
@@ -281,10 +282,12 @@ def test_build_toml_covers_ampere_to_blackwell_with_ptx():
 @pytest.mark.subprocess
 @pytest.mark.kernel_build
 def test_cpu_sources_compile_with_exactly_the_declared_includes():
-    output = run_build_script("--check-cpu")
-    assert "cpu compile check passed" in output
-    assert "ok: c++ -fsyntax-only -DCPU_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output
-    assert "ok: c++ -fsyntax-only -DCPU_KERNEL csrc/cpu/wkv7_cpu.cpp (includes: csrc)" in output
+    checked = check_sources("cpu")
+    assert {record["source"]: (record["compiler"], record["includes"]) for record in checked} == {
+        "torch-ext/torch_binding.cpp": ("c++", []),
+        "csrc/cpu/wkv7_cpu.cpp": ("c++", ["csrc"]),
+        "csrc/cpu/rwkv7_decode_cpu.cpp": ("c++", ["csrc"]),
+    }
 
 
 @pytest.mark.slow
@@ -332,15 +335,18 @@ def test_cuda_sources_compile_for_the_lowest_and_highest_declared_capability():
     """nvcc for build.toml's lowest and highest cuda-capability (with its PTX), device code at -O1 (`--quick`: every
     template compiles for both; the release -O3 takes ten times as long); the capabilities between compile the same
     templates (`kernel_build --check-cuda` checks them all at -O3)."""
-    output = run_build_script("--check-cuda", "--quick", "--archs", "8.0,12.0+PTX")
-    assert "cuda compile check passed" in output
-    assert "ok: nvcc csrc/cuda/wkv7_cuda.cu for 8.0, 12.0+PTX (includes: csrc)" in output
+    checked = {record["source"]: record for record in check_sources("cuda", ["8.0", "12.0+PTX"], quick=True)}
+    assert {source: (record["compiler"], record["includes"]) for source, record in checked.items()} == {
+        "torch-ext/torch_binding.cpp": ("c++", []),
+        "csrc/cuda/wkv7_cuda.cu": ("nvcc", ["csrc"]),
+        "csrc/cuda/wkv7_cuda_ops.cpp": ("c++", ["csrc"]),
+    }
+    kernel = checked["csrc/cuda/wkv7_cuda.cu"]
+    assert kernel["archs"] == ["8.0", "12.0+PTX"]
     for arch in ("sm_80", "sm_120"):
         for kernel_name in ("forward", "backward"):
             for dtype in ("float32", "float16", "bfloat16"):
-                assert f"{arch} {kernel_name} N=64 {dtype}" in output, output
-    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL csrc/cuda/wkv7_cuda_ops.cpp (includes: csrc)" in output
-    assert "ok: c++ -fsyntax-only -DCUDA_KERNEL torch-ext/torch_binding.cpp (includes: none)" in output
+                assert any(line.startswith(f"{arch} {kernel_name} N=64 {dtype} ") for line in kernel["kernels"])
 
 
 def test_gpu_check_feeds_the_official_kernel_the_same_decay():
