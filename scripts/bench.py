@@ -114,8 +114,9 @@ def machine() -> dict:
     info["flags"] = [flag for flag in ISA_FLAGS if flag in info["flags"].split()]
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            fields = dict(line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line)
-        info.update(family=fields.get("cpu family", "").strip(), model=fields.get("model", "").strip())
+            first_cpu = cpuinfo.read().split("\n\n")[0].splitlines()
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu)}
+        info.update(family=fields.get("cpu family"), model=fields.get("model"))
     except OSError:
         pass
     info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()

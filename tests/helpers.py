@@ -1,6 +1,7 @@
-"""What several test files share: a small model at a trained model's scale, token-by-token decoding, the
-closeness measures of logits and states (in the manner of fla's tests/ops/utils.py), and a fresh non-editable
-install seen with one README extra's dependencies only."""
+"""What several test files share (in the manner of fla's tests/ops/utils.py): the one model factory (a small model
+at a trained model's scale), token-by-token decoding, the one closeness measure and its assertions for tensors,
+states and WKV results, loading a repository script as a module, a lock for the pytest-xdist workers, and a fresh
+non-editable install seen with one README extra's dependencies only."""
 
 import contextlib
 import importlib.metadata
