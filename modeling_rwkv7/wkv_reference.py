@@ -17,8 +17,8 @@ Every implementation in this package takes the same arguments:
 and returns ``(y [batch, seq_len, num_heads, head_dim] in r's dtype, final_state float32)``.
 The state and all accumulation are float32 whatever the input dtype.
 
-This module imports torch and the standard library only, like `wkv_chunked`: the kernel's tests and benchmarks
-(`kernels/rwkv7_wkv/tests`, `kernels/rwkv7_wkv/benchmarks`) load the two files without transformers.
+This module imports torch and the standard library only, like `wkv_chunked`, so that the kernel's GPU check
+(`kernels/rwkv7_wkv/benchmarks/gpu_check.py`) loads the two files from their paths where torch is all there is.
 """
 
 import math
