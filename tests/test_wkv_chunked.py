@@ -1,5 +1,9 @@
 """The chunked WKV-7 operator computes what the reference loop `wkv7_recurrent` computes, forward and backward."""
 
+import ast
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import WKV_INPUT_NAMES as INPUT_NAMES
@@ -142,3 +146,20 @@ def test_bad_input_raises(change, message):
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
         wkv7_chunked(**arguments)
+
+
+def test_the_operator_files_import_only_torch_and_the_standard_library():
+    """wkv_reference.py and wkv_chunked.py load from their paths where torch is all there is (the kernel's GPU
+    check): no relative import, and no module but torch and the standard library's."""
+    package = Path(__file__).resolve().parents[1] / "modeling_rwkv7"
+    for name in ("wkv_reference", "wkv_chunked"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        modules = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        modules |= {
+            node.module.split(".")[0] if node.level == 0 else "." * node.level
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+        }
+        assert "torch" in modules and modules - {"torch"} <= sys.stdlib_module_names, (name, sorted(modules))
