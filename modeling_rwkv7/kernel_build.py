@@ -511,7 +511,7 @@ def check_sources(backend: str, only_archs: Optional[list[str]] = None, quick: b
                     *include_flags,
                     *gencode_flags(archs),
                 ]
-                label = f"nvcc {source} for {', '.join(archs)}"
+                compiler, label = "nvcc", f"nvcc {source} for {', '.join(archs)}"
             else:
                 command = [
                     "c++",
@@ -524,11 +524,11 @@ def check_sources(backend: str, only_archs: Optional[list[str]] = None, quick: b
                     *(f"-isystem{path}" for path in system),
                     str(KERNEL_DIR / source),
                 ]
-                label = f"c++ -fsyntax-only {macro} {source}"
+                compiler, label = "c++", f"c++ -fsyntax-only {macro} {source}"
             relative_includes = [str(p.relative_to(KERNEL_DIR)) for p in includes]
             label += f" (includes: {', '.join(relative_includes) or 'none'})"
-            record = {"source": source, "compiler": command[0].rsplit("/", 1)[-1], "includes": relative_includes}
-            record["archs"] = archs if source.endswith(".cu") else []
+            record = {"source": source, "compiler": compiler, "includes": relative_includes}
+            record["archs"] = archs if compiler == "nvcc" else []
             jobs.append((label, record, command))
 
         running = [

@@ -895,13 +895,11 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         if cache is None:
             cache = self.init_cache(batch_size)
         mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        starts = document_starts(batch_size, seq_len, position_ids, padding_mask=None if mask is None else mask.bool())
         for start in range(0, seq_len, PREFILL_CHUNK_SIZE):
             chunk = slice(start, start + PREFILL_CHUNK_SIZE)
-            if position_ids is not None and start > 0:
-                starts = (position_ids[:, start] == 0).expand(batch_size)
-                if mask is not None:  # a row's first token after left padding continues from the state given
-                    starts = starts & mask[:, :start].bool().any(dim=1)
-                for row in starts.nonzero()[:, 0].tolist():
+            if starts is not None:  # a document starting at the chunk's first position starts from a zeroed row
+                for row in starts[:, start].nonzero()[:, 0].tolist():
                     cache.reset_row(row)
             outputs = self.model(
                 input_ids=input_ids[:, chunk] if input_ids is not None else None,

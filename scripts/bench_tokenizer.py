@@ -17,14 +17,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import random
 from pathlib import Path
 
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
-from modeling_rwkv7.measured_rwkv7 import median_seconds
+from modeling_rwkv7.measured_rwkv7 import machine, median_seconds
 from modeling_rwkv7.tokenization_rwkv7 import RWKV7Tokenizer, RWKV7TokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,16 +42,6 @@ def corpus_documents() -> list[str]:
     for _ in range(300):
         documents.append(" ".join(rng.choice(words) for _ in range(rng.randint(20, 120))) + "\n\n")
     return documents
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def candidates() -> tuple[dict[str, tuple], TRIE_TOKENIZER]:
@@ -102,7 +91,8 @@ def main() -> None:
     expected_batch = [official.encode(document) for document in documents]
 
     print(
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; corpus {size_mb:.2f} MB, "
+        f"CPU: {machine()['cpu']}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"corpus {size_mb:.2f} MB, "
         f"{len(documents)} documents, {len(expected_ids)} tokens; MB/s by wall / by CPU time, median of {args.reps}"
     )
     print(f"| {'tokenizer':<40} | encode, one text | encode, documents | decode        | exact |")
